@@ -1,0 +1,242 @@
+"""An async client for a pool of OpenAI-compatible servers (vLLM first).
+
+One pooled transport serves every replica. Replicas are health-checked in the background
+through ``GET /v1/models``, which also tells which models each one serves. A request goes to
+the replica chosen by ``balancer.choose`` and is retried on another replica only when the
+connection failed before any byte was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from leangate.backend.balancer import Replica, choose
+from leangate.backend.errors import (
+    BackendConnectError,
+    BackendError,
+    BackendProtocolError,
+    BackendStatusError,
+    BackendUnavailable,
+    ModelNotFound,
+)
+from leangate.backend.sse import iter_events
+from leangate.backend.transport import (
+    AiohttpTransport,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class BackendSettings(BaseModel):
+    """How the proxy talks to its backend replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"], min_length=1)
+    api_key: str | None = None
+    timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    health_interval_s: float = Field(5.0, gt=0)
+    health_timeout_s: float = Field(3.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    affinity_slack: int = Field(4, ge=1)
+    affinity_prefix_chars: int = Field(512, ge=0)
+
+
+class _TrackedResponse(UpstreamResponse):
+    """Counts the request as outstanding on its replica until the body is released."""
+
+    def __init__(self, inner: UpstreamResponse, replica: Replica) -> None:
+        self._inner = inner
+        self._replica: Replica | None = replica
+        self.status = inner.status
+        self.headers = inner.headers
+
+    def _release(self) -> None:
+        if self._replica is not None:
+            self._replica.outstanding -= 1
+            self._replica = None
+
+    async def read(self) -> bytes:
+        try:
+            return await self._inner.read()
+        finally:
+            self._release()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner.iter_chunks():
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._release()
+
+
+class BackendClient:
+    """Sends OpenAI API requests to the healthiest suitable replica."""
+
+    def __init__(self, settings: BackendSettings, transport: Transport | None = None) -> None:
+        self.settings = settings
+        self.replicas = [Replica(url.rstrip("/").removesuffix("/v1")) for url in settings.urls]
+        self._transport = transport or AiohttpTransport(
+            connect_timeout_s=settings.connect_timeout_s
+        )
+        self._headers = dict(JSON_HEADERS)
+        if settings.api_key:
+            self._headers["authorization"] = f"Bearer {settings.api_key}"
+        self._health_task: asyncio.Task[None] | None = None
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check every replica once, then keep checking in the background."""
+        await self.check_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
+
+    async def aclose(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self._transport.aclose()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        await asyncio.gather(*(self._check_replica(r) for r in self.replicas))
+
+    async def _check_replica(self, replica: Replica) -> None:
+        request = UpstreamRequest(
+            "GET",
+            f"{replica.url}/v1/models",
+            headers=self._headers,
+            timeout_s=self.settings.health_timeout_s,
+        )
+        try:
+            response = await self._transport.send(request)
+            body = await response.read()
+            if response.status != 200:
+                raise BackendProtocolError(f"health check answered HTTP {response.status}")
+            cards = json.loads(body)["data"]
+        except (BackendError, ValueError, KeyError, TypeError) as exc:
+            if replica.healthy:
+                log.warning("replica %s is unhealthy: %s", replica.url, exc)
+            replica.healthy = False
+            return
+        replica.model_cards = cards
+        replica.models = frozenset(card["id"] for card in cards)
+        replica.healthy = True
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    def model_cards(self) -> list[dict[str, object]]:
+        """The models served by healthy replicas, each listed once."""
+        seen: dict[object, dict[str, object]] = {}
+        for replica in self.replicas:
+            if replica.healthy:
+                for card in replica.model_cards:
+                    seen.setdefault(card.get("id"), card)
+        return list(seen.values())
+
+    def serves(self, model: str) -> bool:
+        return any(r.serves(model) for r in self.replicas)
+
+    def candidates(self, model: str) -> list[Replica]:
+        """Healthy replicas serving ``model``; raises if there are none."""
+        found = [r for r in self.replicas if r.serves(model)]
+        if found:
+            return found
+        if not self.ready:
+            raise BackendUnavailable("no backend replica is healthy")
+        raise ModelNotFound(model)
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def send(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        model: str,
+        stream: bool,
+        affinity_key: bytes | None = None,
+    ) -> UpstreamResponse:
+        """POST ``body`` to ``path`` on a suitable replica.
+
+        Returns the response once its headers have arrived with a 2xx status. An error
+        status raises ``BackendStatusError`` with the server's body kept verbatim.
+        """
+        tried: set[int] = set()
+        while True:
+            pool = [r for r in self.candidates(model) if id(r) not in tried] or None
+            if pool is None:
+                raise BackendUnavailable("every backend replica refused the connection")
+            replica = choose(pool, affinity_key, self.settings.affinity_slack)
+            request = UpstreamRequest(
+                "POST",
+                replica.url + path,
+                body,
+                self._headers,
+                self.settings.timeout_s,
+                stream,
+            )
+            replica.outstanding += 1
+            try:
+                response = await self._transport.send(request)
+            except BackendConnectError:
+                replica.outstanding -= 1
+                replica.healthy = False
+                tried.add(id(replica))
+                if len(tried) > self.settings.max_retries:
+                    raise
+                continue
+            except BaseException:
+                replica.outstanding -= 1
+                raise
+            tracked = _TrackedResponse(response, replica)
+            if response.status >= 400:
+                content = await tracked.read()
+                content_type = response.headers.get("content-type", "application/json")
+                raise BackendStatusError(response.status, content, content_type)
+            return tracked
+
+    async def complete(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send a non-streaming request built by a stage and return the decoded answer."""
+        body = json.dumps(payload).encode()
+        response = await self.send(path, body, model=str(payload.get("model")), stream=False)
+        raw = await response.read()
+        try:
+            answer: dict[str, Any] = json.loads(raw)
+        except ValueError as exc:
+            raise BackendProtocolError("the backend's answer is not JSON") from exc
+        return answer
+
+    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Send a streaming request built by a stage; yield each event's JSON payload."""
+        body = json.dumps({**payload, "stream": True}).encode()
+        response = await self.send(path, body, model=str(payload.get("model")), stream=True)
+        try:
+            async for event in iter_events(response.iter_chunks()):
+                yield event
+        finally:
+            await response.aclose()

@@ -1,0 +1,229 @@
+"""How bytes reach an OpenAI-compatible server: a one-method async interface.
+
+A ``Transport`` sends one ``UpstreamRequest`` and returns an ``UpstreamResponse`` as soon as
+the status line and headers have arrived; the body is then read whole or chunk by chunk.
+Transports translate their library's exceptions into the tree of ``leangate.backend.errors``.
+
+``AiohttpTransport`` is the production transport. httpx is the design's general-purpose
+client, but on this project's 2-core machines aiohttp relayed with less than half of httpx's
+added latency and kept its pool healthy at concurrency 64 (see docs/performance.md), so the
+hot path uses aiohttp. ``HttpxTransport`` wraps any httpx transport, which lets unit tests of
+failure paths drive the client through ``httpx.MockTransport``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import httpx
+from leangate.backend.errors import (
+    BackendConnectError,
+    BackendError,
+    BackendProtocolError,
+    BackendTimeout,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One HTTP request to a backend replica."""
+
+    method: str
+    url: str
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 600.0
+    """For a plain answer, the whole exchange; for a stream, the longest silence."""
+    stream: bool = False
+
+
+class UpstreamResponse(ABC):
+    """A response whose headers have arrived and whose body is still to be read."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    @abstractmethod
+    async def read(self) -> bytes:
+        """Read the whole body and release the connection."""
+
+    @abstractmethod
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives; raises a ``BackendError`` if it is cut short."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the connection; an unread body aborts the request on the server."""
+
+
+class Transport(ABC):
+    """Sends requests; owns a connection pool for its whole lifetime."""
+
+    @abstractmethod
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Send ``request``; return once the headers have arrived."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Close pooled connections."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+# --- aiohttp ---------------------------------------------------------------------------------
+
+
+def _aiohttp_error(exc: BaseException) -> BackendError:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BackendConnectError(str(exc))
+    if isinstance(exc, asyncio.TimeoutError):
+        return BackendTimeout("backend did not answer in time")
+    return BackendProtocolError(f"{type(exc).__name__}: {exc}")
+
+
+class _AiohttpResponse(UpstreamResponse):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _aiohttp_error(exc) from exc
+        finally:
+            self._response.release()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _aiohttp_error(exc) from exc
+
+    async def aclose(self) -> None:
+        if not self._response.content.at_eof():
+            self._response.close()  # drop the socket so the server sees the disconnect
+        else:
+            self._response.release()
+
+
+class AiohttpTransport(Transport):
+    """A pooled keep-alive aiohttp session."""
+
+    def __init__(self, *, connect_timeout_s: float = 5.0, pool_size: int = 512) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        if request.stream:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout_s, sock_read=request.timeout_s
+            )
+        else:
+            timeout = aiohttp.ClientTimeout(
+                total=request.timeout_s, sock_connect=self._connect_timeout_s
+            )
+        try:
+            response = await self._get_session().request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                timeout=timeout,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _aiohttp_error(exc) from exc
+        return _AiohttpResponse(response)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# --- httpx -----------------------------------------------------------------------------------
+
+
+def _httpx_error(exc: httpx.HTTPError) -> BackendError:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return BackendConnectError(str(exc) or type(exc).__name__)
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeout("backend did not answer in time")
+    return BackendProtocolError(f"{type(exc).__name__}: {exc}")
+
+
+class _HttpxResponse(UpstreamResponse):
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers = response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.aread()
+        except httpx.HTTPError as exc:
+            raise _httpx_error(exc) from exc
+        finally:
+            await self._response.aclose()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _httpx_error(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxTransport(Transport):
+    """Sends through an ``httpx.AsyncClient``; pass ``transport=httpx.MockTransport(...)``
+    to fake a server in tests."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._client = httpx.AsyncClient(transport=transport, timeout=None)
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        built = self._client.build_request(
+            request.method,
+            request.url,
+            content=request.body,
+            headers=dict(request.headers),
+            timeout=httpx.Timeout(request.timeout_s, connect=5.0),
+        )
+        try:
+            response = await self._client.send(built, stream=True)
+        except httpx.HTTPError as exc:
+            raise _httpx_error(exc) from exc
+        return _HttpxResponse(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,3 @@
+from leangate.cli import main
+
+main()

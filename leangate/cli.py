@@ -1,0 +1,111 @@
+"""The ``leangate`` command: ``serve``, ``policy check`` and ``bench <name>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCHMARKS: dict[str, str] = {
+    "passthrough": "leangate.bench.passthrough",
+    "cache": "leangate.bench.cache",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        _bench(args.name, args.rest)
+        return
+    handler = {"serve": _serve, "policy": _policy_check}[args.command]
+    sys.exit(handler(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leangate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--backend-url", action="append", help="a backend replica; repeat for several"
+    )
+    serve.add_argument("--policy", type=Path, help="policy YAML file (reloaded on change)")
+    serve.add_argument("--redis-url", help="Redis for shared caches; default: in-process")
+    serve.add_argument("--log-level", default=None)
+
+    policy = commands.add_parser("policy", help="policy files")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+
+    bench = commands.add_parser("bench", help="run a benchmark", add_help=False)
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from leangate.middleware.app import create_app
+    from leangate.settings import Settings
+
+    overrides: dict[str, object] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.backend_url:
+        overrides["backend_url"] = ",".join(args.backend_url)
+    if args.policy:
+        overrides["policy"] = args.policy
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    logging.basicConfig(level=settings.log_level.upper())
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from leangate.middleware.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    stages = sum(len(rule.stages) for rule in policy.rules)
+    print(
+        f"{args.file}: ok ({len(policy.rules)} rules, {stages} stages, "
+        f"{len(policy.tenants)} tenants)"
+    )
+    return 0
+
+
+def _bench(name: str, rest: Sequence[str]) -> None:
+    module = importlib.import_module(BENCHMARKS[name])
+    parser = argparse.ArgumentParser(prog=f"leangate bench {name}")
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    result = module.run(args)
+    from leangate.bench.common import emit
+
+    emit(result)

@@ -1,0 +1,39 @@
+"""Process settings, from the environment (``LEANGATE_*``) and the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from leangate.backend.client import BackendSettings
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEANGATE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    backend_url: str = "http://127.0.0.1:8000"
+    """One URL, or several separated by commas (replicas)."""
+    backend_api_key: str | None = None
+    backend_timeout_s: float = Field(600.0, gt=0)
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("LEANGATE_REDIS_URL", "REDIS_URL")
+    )
+    """Without one, caches live in the proxy's own memory."""
+    policy: Path | None = None
+    policy_reload_s: float = Field(1.0, gt=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    log_level: str = "warning"
+
+    def backend_urls(self) -> list[str]:
+        return [u.strip() for u in self.backend_url.split(",") if u.strip()]
+
+    def backend_settings(self) -> BackendSettings:
+        return BackendSettings(
+            urls=self.backend_urls(),
+            api_key=self.backend_api_key,
+            timeout_s=self.backend_timeout_s,
+        )

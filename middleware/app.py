@@ -1,0 +1,211 @@
+"""The HTTP edge: an ASGI app (FastAPI on uvicorn) around the ``Gateway``.
+
+Only here do results become HTTP: JSON bodies pass through as the backend's bytes, and
+streams get their SSE framing back. The completion routes are plain Starlette routes (no
+dependency injection) because they are the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from leangate.backend.client import BackendClient
+from leangate.backend.errors import BackendError
+from leangate.backend.sse import DONE_EVENT, encode_event
+from leangate.backend.transport import Transport
+from leangate.middleware.chains import PolicyWatcher
+from leangate.middleware.context import RequestContext, Result, StreamResult
+from leangate.middleware.errors import (
+    PayloadTooLarge,
+    ProxyError,
+    error_payload,
+    error_response,
+    stream_error_payload,
+)
+from leangate.middleware.gateway import Gateway
+from leangate.middleware.metrics import Metrics
+from leangate.middleware.policy import Policy, load_policy
+from leangate.middleware.protocol import Route
+from leangate.middleware.services import Services
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from leangate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def create_app(settings: Settings | None = None, *, transport: Transport | None = None) -> FastAPI:
+    """Build the app; heavy resources are opened in its lifespan, not here."""
+    settings = settings or Settings()
+    policy = load_policy(settings.policy) if settings.policy else Policy()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend = BackendClient(settings.backend_settings(), transport)
+        await backend.start()
+        services = Services(backend=backend, metrics=Metrics())
+        gateway = Gateway(services, policy)
+        app.state.gateway = gateway
+        app.state.max_body_bytes = settings.max_body_bytes
+        watch = _watch_policy(settings, gateway)
+        try:
+            yield
+        finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+            await backend.aclose()
+
+    app = FastAPI(title="leangate", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.add_route("/v1/chat/completions", _chat, methods=["POST"])
+    app.add_route("/v1/completions", _completions, methods=["POST"])
+    app.add_route("/v1/models", _models, methods=["GET"])
+    app.add_route("/health", _health, methods=["GET"])
+    app.add_route("/metrics", _metrics, methods=["GET"])
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    return app
+
+
+def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | None:
+    if settings.policy is None:
+        return None
+    metrics = gateway.services.metrics
+
+    def changed(policy: Policy | None) -> None:
+        if policy is None:
+            metrics.policy_reloads.labels("rejected").inc()
+            return
+        gateway.use_policy(policy)
+        metrics.policy_reloads.labels("applied").inc()
+
+    watcher = PolicyWatcher(settings.policy, changed, settings.policy_reload_s)
+    return asyncio.create_task(watcher.run(), name="policy-watcher")
+
+
+# --- completion routes -----------------------------------------------------------------------
+
+
+async def _chat(request: Request) -> Response:
+    return await _complete(request, "chat")
+
+
+async def _completions(request: Request) -> Response:
+    return await _complete(request, "completions")
+
+
+async def _complete(request: Request, route: Route) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    metrics = gateway.services.metrics
+    started = time.perf_counter()
+    try:
+        body = await _read_body(request, request.app.state.max_body_bytes)
+        result, ctx = await gateway.run(route, body, request.headers)
+        response = _render(result, ctx, metrics, route)
+    except Exception as exc:
+        if _is_unexpected(exc):
+            log.exception("unexpected error on %s", route)
+        response = error_response(exc)
+    metrics.requests.labels(route, str(response.status_code)).inc()
+    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def _is_unexpected(exc: Exception) -> bool:
+    return not isinstance(exc, BackendError | ProxyError)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+    if declared is not None:
+        return await request.body()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _render(result: Result, ctx: RequestContext, metrics: Metrics, route: Route) -> Response:
+    if isinstance(result, StreamResult):
+        headers = {**SSE_HEADERS, **ctx.response_headers, **result.headers}
+        return StreamingResponse(
+            _sse(result, metrics, route), media_type="text/event-stream", headers=headers
+        )
+    headers = {**ctx.response_headers, **result.headers}
+    return Response(result.body, result.status, headers=headers, media_type="application/json")
+
+
+async def _sse(result: StreamResult, metrics: Metrics, route: Route) -> AsyncIterator[bytes]:
+    """Frame a result's events as SSE; a failure mid-stream becomes a final error event."""
+    events = result.events
+    try:
+        async for payload in events:
+            yield encode_event(payload)
+        yield DONE_EVENT
+    except Exception as exc:
+        if _is_unexpected(exc):
+            log.exception("unexpected error mid-stream on %s", route)
+        metrics.stream_errors.labels(route).inc()
+        yield encode_event(stream_error_payload(exc))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# --- other routes ----------------------------------------------------------------------------
+
+
+async def _models(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    if not gateway.backend.ready:
+        return _error(503, "no backend replica is healthy", "service_unavailable")
+    return JSONResponse({"object": "list", "data": gateway.backend.model_cards()})
+
+
+async def _health(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    backend = gateway.backend
+    replicas = [
+        {
+            "url": r.url,
+            "healthy": r.healthy,
+            "outstanding": r.outstanding,
+            "models": sorted(r.models),
+        }
+        for r in backend.replicas
+    ]
+    gateway.services.metrics.backend_ready.set(sum(1 for r in backend.replicas if r.healthy))
+    body = {"status": "ok" if backend.ready else "unavailable", "replicas": replicas}
+    return JSONResponse(body, status_code=200 if backend.ready else 503)
+
+
+async def _metrics(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return Response(gateway.services.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _error(status: int, message: str, error_type: str, code: str | None = None) -> Response:
+    body = error_payload(message, error_type, code or error_type)
+    return Response(body, status, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    error_type = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    return _error(exc.status_code, str(exc.detail), error_type)

@@ -1,0 +1,118 @@
+"""Turning a policy into ready-built chains, and reloading the policy when its file changes.
+
+Stages are built once per policy rule. The chain for a rule, and for each narrower set of
+stages a request asked for, is built the first time it is needed and then reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from leangate.middleware.errors import InvalidRequest
+from leangate.middleware.pipeline import Handler, Stage, build_chain
+from leangate.middleware.policy import Policy, PolicyError, Rule, load_policy
+from leangate.middleware.protocol import RequestOptions, Route
+from leangate.middleware.registry import STAGES, stage_class
+from leangate.middleware.services import Services
+
+log = logging.getLogger(__name__)
+
+StageList = list[tuple[Stage, float | None]]
+PolicyCallback = Callable[[Policy | None], None]
+"""Called with the new policy, or with None when a reload was rejected."""
+
+
+class ChainBook:
+    """The chains of one policy."""
+
+    def __init__(self, policy: Policy, services: Services, endpoint: Handler) -> None:
+        self.policy = policy
+        self._services = services
+        self._endpoint = endpoint
+        self._stages = [self._build_stages(rule) for rule in policy.rules]
+        self._chains: dict[tuple[int, frozenset[str] | None], Handler] = {}
+
+    def _build_stages(self, rule: Rule) -> StageList:
+        built: StageList = []
+        for spec in rule.stages:
+            cls = stage_class(spec.use)
+            stage: Stage = cls(spec.use, spec.validated_settings, self._services)
+            budget_ms = spec.budget_ms or cls.default_budget_ms or self.policy.default_budget_ms
+            built.append((stage, budget_ms / 1000))
+        return built
+
+    def chain_for(
+        self, route: Route, model: str, tenant: str, options: RequestOptions | None
+    ) -> Handler:
+        found = self.policy.rule_for(route, model, tenant)
+        if found is None:
+            return self._endpoint
+        index, _ = found
+        wanted = _narrowing(options)
+        key = (index, wanted)
+        chain = self._chains.get(key)
+        if chain is None:
+            stages = self._stages[index]
+            if wanted is not None:
+                stages = [(s, b) for s, b in stages if s.name in wanted]
+            chain = build_chain(stages, self._endpoint, self._services.metrics)
+            self._chains[key] = chain
+        return chain
+
+    def stages(self) -> list[Stage]:
+        return [stage for rule in self._stages for stage, _ in rule]
+
+
+def _narrowing(options: RequestOptions | None) -> frozenset[str] | None:
+    """The stage names a request allows, or None for all of the policy's."""
+    if options is None or (options.stages is None and not options.disable):
+        return None
+    unknown = [n for n in (options.stages or []) + options.disable if n not in STAGES]
+    if unknown:
+        raise InvalidRequest(f"leangate: unknown stage(s) {unknown}", code="unknown_stage")
+    allowed = frozenset(options.stages) if options.stages is not None else frozenset(STAGES)
+    return allowed - frozenset(options.disable)
+
+
+class PolicyWatcher:
+    """Reloads the policy file when it changes; an invalid file leaves the old one in place."""
+
+    def __init__(self, path: Path, on_change: PolicyCallback, interval_s: float = 1.0) -> None:
+        self.path = path
+        self._on_change = on_change
+        self._interval_s = interval_s
+        self._stamp = self._read_stamp()
+        self.last_error: str | None = None
+
+    def _read_stamp(self) -> tuple[float, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime, stat.st_size)
+
+    def check(self) -> bool:
+        """Reload if the file changed since the last look; True if a new policy took over."""
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            policy = load_policy(self.path)
+        except PolicyError as exc:
+            self.last_error = str(exc)
+            log.error("policy reload rejected, keeping the previous policy:\n%s", exc)
+            self._on_change(None)
+            return False
+        self.last_error = None
+        log.info("policy reloaded from %s", self.path)
+        self._on_change(policy)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.check()

@@ -1,0 +1,135 @@
+"""The gateway: from a request's bytes to a ``Result``, independent of the HTTP framework.
+
+The ASGI app (``app.py``) and the in-process SDK both drive this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+from leangate.backend.client import BackendClient
+from leangate.backend.errors import ModelNotFound
+from leangate.backend.sse import iter_events
+from leangate.backend.transport import UpstreamResponse
+from leangate.middleware.chains import ChainBook
+from leangate.middleware.context import JsonResult, RequestContext, Result, StreamResult
+from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_validation_error
+from leangate.middleware.policy import Policy
+from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
+from leangate.middleware.services import Services
+from pydantic import ValidationError
+
+STAGES_HEADER = "x-leangate-stages"
+DISABLE_HEADER = "x-leangate-disable"
+
+
+class Gateway:
+    """Validates a request, resolves its tenant and chain, and runs the chain."""
+
+    def __init__(self, services: Services, policy: Policy) -> None:
+        self.services = services
+        self.book = ChainBook(policy, services, self.forward)
+
+    @property
+    def backend(self) -> BackendClient:
+        return self.services.backend
+
+    def use_policy(self, policy: Policy) -> None:
+        self.book = ChainBook(policy, self.services, self.forward)
+
+    async def run(
+        self, route: Route, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[Result, RequestContext]:
+        ctx = self.prepare(route, body, headers)
+        chain = self.book.chain_for(route, ctx.model, ctx.tenant, ctx.options)
+        return await chain(ctx), ctx
+
+    def prepare(self, route: Route, body: bytes, headers: Mapping[str, str]) -> RequestContext:
+        data = _parse_object(body)
+        raw: bytes | None = body
+        options_field = data.pop("leangate", None)
+        if options_field is not None:
+            raw = None
+        options = _options(options_field, headers)
+        try:
+            request = REQUEST_MODELS[route].model_validate(data)
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc)) from None
+        tenant = self.book.policy.tenant_for_key(_bearer(headers))
+        if tenant is None:
+            raise Unauthorized("a valid API key is required")
+        if self.backend.ready and not self.backend.serves(request.model):
+            raise ModelNotFound(request.model)
+        return RequestContext(
+            route=route,
+            body=data,
+            raw=raw,
+            request=request,
+            tenant=tenant,
+            backend=self.backend,
+            headers=headers,
+            options=options,
+        )
+
+    async def forward(self, ctx: RequestContext) -> Result:
+        """The end of every chain: send the request to the backend as it now stands."""
+        response = await self.backend.send(
+            ctx.path,
+            ctx.body_bytes(),
+            model=ctx.model,
+            stream=ctx.stream,
+            affinity_key=ctx.affinity_key(self.backend.settings.affinity_prefix_chars),
+        )
+        if not ctx.stream:
+            return JsonResult(await response.read())
+        return StreamResult(_relay(response))
+
+
+async def _relay(response: UpstreamResponse) -> AsyncIterator[bytes]:
+    try:
+        async for payload in iter_events(response.iter_chunks()):
+            yield payload
+    finally:
+        await response.aclose()
+
+
+def _parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else value.strip()
+
+
+def _options(field: object, headers: Mapping[str, str]) -> RequestOptions:
+    """Merge the ``leangate`` body field and the ``x-leangate-*`` headers."""
+    try:
+        options = RequestOptions.model_validate(field or {})
+    except ValidationError as exc:
+        raise InvalidRequest("leangate." + describe_validation_error(exc)) from None
+    only = headers.get(STAGES_HEADER)
+    if only is not None:
+        names = [] if only.strip() == "none" else _split(only)
+        options.stages = (
+            names if options.stages is None else [n for n in options.stages if n in names]
+        )
+    disable = headers.get(DISABLE_HEADER)
+    if disable:
+        options.disable = [*options.disable, *_split(disable)]
+    return options
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]

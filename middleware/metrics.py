@@ -1,0 +1,60 @@
+"""Prometheus metrics, one registry per app so that several apps can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "leangate_requests", "Requests answered", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "leangate_request_seconds",
+            "Time to the response headers",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "leangate_stage_seconds",
+            "A stage's own time, excluding the rest of the chain",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failed_open = Counter(
+            "leangate_stage_failed_open",
+            "Stages that failed or overran their budget and were skipped",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "leangate_stream_errors", "Streams ended by an error event", ["route"], registry=r
+        )
+        self.policy_reloads = Counter(
+            "leangate_policy_reloads", "Policy file reloads", ["outcome"], registry=r
+        )
+        self.backend_ready = Gauge(
+            "leangate_backend_replicas_healthy", "Healthy backend replicas", registry=r
+        )
+        self.cache_lookups = Counter(
+            "leangate_cache_lookups", "Result cache lookups", ["kind", "outcome"], registry=r
+        )
+        self.cache_errors = Counter(
+            "leangate_cache_errors", "Result cache store failures", ["operation"], registry=r
+        )
+
+    def stage_timed(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
+
+    def stage_failed_open(self, stage: str, reason: str) -> None:
+        self.failed_open.labels(stage, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,167 @@
+"""Policies: which stages run, with which settings, for which route, model and tenant.
+
+A policy is one YAML file validated by these models; an unknown key anywhere is an error
+that names the field. Rules are tried in order and the first whose ``match`` fits the
+request decides its stages. A request no rule matches runs no stage.
+
+.. code-block:: yaml
+
+    tenants:
+      acme: {api_keys: [sk-acme-1]}
+    rules:
+      - name: cached-chat
+        match: {routes: [chat], models: ["SmolLM2-*"], tenants: [acme]}
+        stages:
+          - use: cache
+            budget_ms: 50
+            settings: {ttl_s: 600}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from leangate.middleware.errors import describe_validation_error
+from leangate.middleware.protocol import Route
+from leangate.middleware.registry import stage_class
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+ANONYMOUS = "anonymous"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageSpec(_Strict):
+    use: str
+    """The stage's registered name."""
+    budget_ms: float | None = Field(None, gt=0)
+    """The stage's own time budget; defaults to the stage's default, then the policy's."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    _validated: BaseModel = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _check_stage(self) -> StageSpec:
+        cls = stage_class(self.use)
+        try:
+            self._validated = cls.Settings.model_validate(self.settings)
+        except ValidationError as exc:
+            problems = describe_validation_error(exc)
+            raise ValueError(
+                f"invalid settings for stage {self.use!r}: settings.{problems}"
+            ) from None
+        return self
+
+    @property
+    def validated_settings(self) -> BaseModel:
+        return self._validated
+
+
+class Match(_Strict):
+    routes: list[Route | Literal["*"]] = Field(default_factory=lambda: ["*"])  # type: ignore[arg-type]
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns (``fnmatch``)."""
+    tenants: list[str] = Field(default_factory=lambda: ["*"])
+
+    def fits(self, route: Route, model: str, tenant: str) -> bool:
+        return (
+            ("*" in self.routes or route in self.routes)
+            and any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+            and ("*" in self.tenants or tenant in self.tenants)
+        )
+
+
+class Rule(_Strict):
+    name: str
+    match: Match = Field(default_factory=Match)
+    stages: list[StageSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_stages(self) -> Rule:
+        names = [s.use for s in self.stages]
+        if len(names) != len(set(names)):
+            raise ValueError(f"rule {self.name!r} lists a stage twice: {names}")
+        return self
+
+
+class Tenant(_Strict):
+    api_keys: list[str] = Field(default_factory=list)
+    api_key_sha256: list[str] = Field(default_factory=list)
+    """Hex SHA-256 digests of keys, for policy files that should not hold the keys."""
+
+
+class Policy(_Strict):
+    version: Literal[1] = 1
+    require_api_key: bool = False
+    """Refuse requests whose key belongs to no tenant (401)."""
+    default_budget_ms: float = Field(250.0, gt=0)
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    _by_digest: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _index_keys(self) -> Policy:
+        for name, tenant in self.tenants.items():
+            digests = [_digest(k) for k in tenant.api_keys] + tenant.api_key_sha256
+            for digest in digests:
+                other = self._by_digest.setdefault(digest.lower(), name)
+                if other != name:
+                    raise ValueError(f"an API key is listed for tenants {other!r} and {name!r}")
+        return self
+
+    def tenant_for_key(self, api_key: str | None) -> str | None:
+        """The tenant owning ``api_key``.
+
+        Without a key: ``anonymous``. A key no tenant lists becomes a tenant of its own
+        (named after its digest), so that two unknown keys never share cached data; with
+        ``require_api_key`` it is refused (None).
+        """
+        if not api_key:
+            return None if self.require_api_key else ANONYMOUS
+        digest = _digest(api_key)
+        tenant = self._by_digest.get(digest)
+        if tenant is None and not self.require_api_key:
+            return f"key-{digest[:16]}"
+        return tenant
+
+    def rule_for(self, route: Route, model: str, tenant: str) -> tuple[int, Rule] | None:
+        for index, rule in enumerate(self.rules):
+            if rule.match.fits(route, model, tenant):
+                return index, rule
+        return None
+
+
+def _digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be read or is invalid; the message names the fields."""
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    try:
+        return Policy.model_validate(data or {})
+    except ValidationError as exc:
+        lines = [f"{source}: invalid policy"]
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+            lines.append(f"  {where}: {error['msg']}")
+        raise PolicyError("\n".join(lines)) from None
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc}") from None
+    return parse_policy(text, str(path))
