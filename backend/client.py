@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from leangate.backend.balancer import Replica, choose
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
-JSON_HEADERS = {"content-type": "application/json"}
+JSON_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
 
 class BackendSettings(BaseModel):
@@ -88,8 +88,15 @@ class _TrackedResponse(UpstreamResponse):
 class BackendClient:
     """Sends OpenAI API requests to the healthiest suitable replica."""
 
-    def __init__(self, settings: BackendSettings, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        settings: BackendSettings,
+        transport: Transport | None = None,
+        on_send: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_send`` is told the replica URL of every request sent (for metrics)."""
         self.settings = settings
+        self._on_send = on_send
         self.replicas = [Replica(url.rstrip("/").removesuffix("/v1")) for url in settings.urls]
         self._transport = transport or AiohttpTransport(
             connect_timeout_s=settings.connect_timeout_s
@@ -201,6 +208,8 @@ class BackendClient:
                 stream,
             )
             replica.outstanding += 1
+            if self._on_send is not None:
+                self._on_send(replica.url)
             try:
                 response = await self._transport.send(request)
             except BackendConnectError:

@@ -195,7 +195,7 @@ class _HttpxResponse(UpstreamResponse):
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.aiter_raw():
+            async for chunk in self._response.aiter_bytes():
                 yield chunk
         except httpx.HTTPError as exc:
             raise _httpx_error(exc) from exc

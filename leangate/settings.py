@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     policy_reload_s: float = Field(1.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     log_level: str = "warning"
+    admin_api_key: str | None = None
+    """Bearer key for the ``/admin`` API; without one the admin API is off."""
 
     def backend_urls(self) -> list[str]:
         return [u.strip() for u in self.backend_url.split(",") if u.strip()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,20 +20,25 @@ from leangate.backend.client import BackendClient
 from leangate.backend.errors import BackendError
 from leangate.backend.sse import DONE_EVENT, encode_event
 from leangate.backend.transport import Transport
+from leangate.cache.purge import purge
+from leangate.cache.services import CacheServices
+from leangate.cache.store import open_store
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.context import RequestContext, Result, StreamResult
 from leangate.middleware.errors import (
     PayloadTooLarge,
     ProxyError,
+    describe_validation_error,
     error_payload,
     error_response,
     stream_error_payload,
 )
 from leangate.middleware.gateway import Gateway
 from leangate.middleware.metrics import Metrics
-from leangate.middleware.policy import Policy, load_policy
+from leangate.middleware.policy import Policy, load_policy, uses_semantic_cache
 from leangate.middleware.protocol import Route
 from leangate.middleware.services import Services
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -44,19 +50,31 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
+class PurgeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str | None = None
+    namespace: str | None = None
+
+
 def create_app(settings: Settings | None = None, *, transport: Transport | None = None) -> FastAPI:
     """Build the app; heavy resources are opened in its lifespan, not here."""
     settings = settings or Settings()
-    policy = load_policy(settings.policy) if settings.policy else Policy()
+    policy = load_policy(settings.policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backend = BackendClient(settings.backend_settings(), transport)
+        metrics = Metrics()
+        backend = BackendClient(
+            settings.backend_settings(), transport, metrics.backend_request_sent
+        )
+        cache = CacheServices(open_store(settings.redis_url), metrics)
         await backend.start()
-        services = Services(backend=backend, metrics=Metrics())
-        gateway = Gateway(services, policy)
+        if uses_semantic_cache(policy):
+            await cache.start_semantic()
+        gateway = Gateway(Services(backend=backend, metrics=metrics, cache=cache), policy)
         app.state.gateway = gateway
-        app.state.max_body_bytes = settings.max_body_bytes
+        app.state.settings = settings
         watch = _watch_policy(settings, gateway)
         try:
             yield
@@ -65,6 +83,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
+            await cache.close()
             await backend.aclose()
 
     app = FastAPI(title="leangate", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -73,6 +92,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
     app.add_route("/v1/models", _models, methods=["GET"])
     app.add_route("/health", _health, methods=["GET"])
     app.add_route("/metrics", _metrics, methods=["GET"])
+    app.add_route("/admin/cache/purge", _purge, methods=["POST"])
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     return app
 
@@ -87,6 +107,8 @@ def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | 
             metrics.policy_reloads.labels("rejected").inc()
             return
         gateway.use_policy(policy)
+        if uses_semantic_cache(policy):
+            gateway.services.cache.semantic()  # starts loading the embedding model
         metrics.policy_reloads.labels("applied").inc()
 
     watcher = PolicyWatcher(settings.policy, changed, settings.policy_reload_s)
@@ -109,7 +131,7 @@ async def _complete(request: Request, route: Route) -> Response:
     metrics = gateway.services.metrics
     started = time.perf_counter()
     try:
-        body = await _read_body(request, request.app.state.max_body_bytes)
+        body = await _read_body(request, request.app.state.settings.max_body_bytes)
         result, ctx = await gateway.run(route, body, request.headers)
         response = _render(result, ctx, metrics, route)
     except Exception as exc:
@@ -199,6 +221,27 @@ async def _health(request: Request) -> Response:
 async def _metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     return Response(gateway.services.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _purge(request: Request) -> Response:
+    """Delete cached entries of a tenant and/or namespace; needs the admin key."""
+    settings: Settings = request.app.state.settings
+    gateway: Gateway = request.app.state.gateway
+    if not settings.admin_api_key:
+        return _error(403, "the admin API is disabled (no admin key set)", "permission_error")
+    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(supplied, settings.admin_api_key):
+        return _error(401, "a valid admin key is required", "authentication_error")
+    try:
+        body = PurgeRequest.model_validate_json(await request.body())
+        deleted = await purge(
+            gateway.services.cache.store, tenant=body.tenant, namespace=body.namespace
+        )
+    except ValidationError as exc:
+        return _error(400, describe_validation_error(exc), "invalid_request_error")
+    except ValueError as exc:
+        return _error(400, str(exc), "invalid_request_error")
+    return JSONResponse({"deleted": deleted})
 
 
 def _error(status: int, message: str, error_type: str, code: str | None = None) -> Response:

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from leangate.middleware.errors import InvalidRequest
 from leangate.middleware.pipeline import Handler, Stage, build_chain
 from leangate.middleware.policy import Policy, PolicyError, Rule, load_policy
 from leangate.middleware.protocol import RequestOptions, Route
@@ -70,9 +69,6 @@ def _narrowing(options: RequestOptions | None) -> frozenset[str] | None:
     """The stage names a request allows, or None for all of the policy's."""
     if options is None or (options.stages is None and not options.disable):
         return None
-    unknown = [n for n in (options.stages or []) + options.disable if n not in STAGES]
-    if unknown:
-        raise InvalidRequest(f"leangate: unknown stage(s) {unknown}", code="unknown_stage")
     allowed = frozenset(options.stages) if options.stages is not None else frozenset(STAGES)
     return allowed - frozenset(options.disable)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,11 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    pause_budget: Callable[[], contextlib.AbstractAsyncContextManager[None]] = field(
+        default=contextlib.nullcontext
+    )
+    """``async with ctx.pause_budget():`` stops the running stage's budget clock (set by
+    the pipeline's guard)."""
 
     @property
     def model(self) -> str:

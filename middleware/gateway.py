@@ -18,6 +18,7 @@ from leangate.middleware.context import JsonResult, RequestContext, Result, Stre
 from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_validation_error
 from leangate.middleware.policy import Policy
 from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
+from leangate.middleware.registry import STAGES
 from leangate.middleware.services import Services
 from pydantic import ValidationError
 
@@ -128,6 +129,9 @@ def _options(field: object, headers: Mapping[str, str]) -> RequestOptions:
     disable = headers.get(DISABLE_HEADER)
     if disable:
         options.disable = [*options.disable, *_split(disable)]
+    unknown = [n for n in (options.stages or []) + options.disable if n not in STAGES]
+    if unknown:
+        raise InvalidRequest(f"leangate: unknown stage(s) {unknown}", code="unknown_stage")
     return options
 
 

@@ -40,6 +40,12 @@ class Metrics:
         self.policy_reloads = Counter(
             "leangate_policy_reloads", "Policy file reloads", ["outcome"], registry=r
         )
+        self.backend_requests = Counter(
+            "leangate_backend_requests",
+            "Requests sent to backend replicas",
+            ["replica"],
+            registry=r,
+        )
         self.backend_ready = Gauge(
             "leangate_backend_replicas_healthy", "Healthy backend replicas", registry=r
         )
@@ -55,6 +61,9 @@ class Metrics:
 
     def stage_failed_open(self, stage: str, reason: str) -> None:
         self.failed_open.labels(stage, reason).inc()
+
+    def backend_request_sent(self, replica: str) -> None:
+        self.backend_requests.labels(replica).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,15 +10,18 @@ call the backend itself, several times at once. ``build_chain`` wraps every stag
 - the same *after* ``call_next`` returned gives back what ``call_next`` returned;
 - an error raised *by* ``call_next`` (the backend's) passes through untouched.
 
-The budget counts only the stage's own time: the clock stops while ``call_next`` runs.
+The budget counts only the stage's own time: the clock stops while ``call_next`` runs,
+and while the stage waits inside ``async with ctx.pause_budget():`` (for another request's
+answer, say).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +71,29 @@ class _Run:
     called: bool = False
 
 
+Pauser = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+def _pauser(deadline: asyncio.Timeout, run: _Run) -> Pauser:
+    """A context manager factory that stops the stage's clock while its body runs."""
+
+    @contextlib.asynccontextmanager
+    async def pause() -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        when = deadline.when()
+        remaining = None if when is None else when - loop.time()
+        deadline.reschedule(None)
+        entered = time.perf_counter()
+        try:
+            yield
+        finally:
+            run.downstream_s += time.perf_counter() - entered
+            if remaining is not None:
+                deadline.reschedule(loop.time() + max(remaining, 0.0))
+
+    return pause
+
+
 class Guard:
     """Times a stage, enforces its budget, and makes it fail open."""
 
@@ -85,43 +111,34 @@ class Guard:
 
     async def __call__(self, ctx: RequestContext) -> Result:
         run = _Run()
-        body, raw = ctx.body, ctx.raw
-        loop = asyncio.get_running_loop()
+        body, raw, outer_pause = ctx.body, ctx.raw, ctx.pause_budget
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.budget_s) as deadline:
-                result = await self.stage(ctx, self._downstream(ctx, run, deadline, loop))
+                pause = _pauser(deadline, run)
+                ctx.pause_budget = pause
+                result = await self.stage(ctx, self._downstream(run, pause))
         except _DownstreamError as exc:
             raise exc.error from None
         except (Exception, TimeoutError) as exc:
             return await self._fail_open(ctx, run, body, raw, exc)
         finally:
+            ctx.pause_budget = outer_pause
             own = time.perf_counter() - started - run.downstream_s
             ctx.timings[self.stage.name] = own
             self.observer.stage_timed(self.stage.name, own)
         return result
 
-    def _downstream(
-        self,
-        ctx: RequestContext,
-        run: _Run,
-        deadline: asyncio.Timeout,
-        loop: asyncio.AbstractEventLoop,
-    ) -> Handler:
+    def _downstream(self, run: _Run, pause: Pauser) -> Handler:
         async def call_next(next_ctx: RequestContext) -> Result:
-            when = deadline.when()
-            remaining = None if when is None else when - loop.time()
-            deadline.reschedule(None)
-            entered = time.perf_counter()
             run.called = True
             try:
-                run.result = await self.next_handler(next_ctx)
+                async with pause():
+                    run.result = await self.next_handler(next_ctx)
             except Exception as exc:
                 raise _DownstreamError(exc) from exc
             finally:
-                run.downstream_s += time.perf_counter() - entered
-                if remaining is not None:
-                    deadline.reschedule(loop.time() + max(remaining, 0.0))
+                next_ctx.pause_budget = pause
             return run.result
 
         return call_next

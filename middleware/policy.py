@@ -140,6 +140,23 @@ def _digest(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
+DEFAULT_POLICY = """
+# Used when no policy file is given: an exact result cache for every route and model.
+rules:
+  - name: default
+    stages:
+      - use: cache
+"""
+
+
+def uses_semantic_cache(policy: Policy) -> bool:
+    return any(
+        spec.use == "cache" and bool(getattr(spec.validated_settings, "semantic", False))
+        for rule in policy.rules
+        for spec in rule.stages
+    )
+
+
 class PolicyError(ValueError):
     """A policy file that cannot be read or is invalid; the message names the fields."""
 
@@ -159,7 +176,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError("\n".join(lines)) from None
 
 
-def load_policy(path: Path) -> Policy:
+def load_policy(path: Path | None) -> Policy:
+    """The policy in ``path``, or the default policy when there is none."""
+    if path is None:
+        return parse_policy(DEFAULT_POLICY, "<default policy>")
     try:
         text = path.read_text()
     except OSError as exc:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from leangate.backend.client import BackendClient
+from leangate.cache.services import CacheServices
 from leangate.middleware.metrics import Metrics
 
 
@@ -13,5 +13,5 @@ from leangate.middleware.metrics import Metrics
 class Services:
     backend: BackendClient
     metrics: Metrics
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Resources added by capabilities (the cache store, the embedder), by name."""
+    cache: CacheServices
+    """The result cache's store and helpers; also the intermediate-result cache's."""

@@ -1,0 +1,120 @@
+"""The cache's shared resources: the store, a circuit breaker, single-flight, and the
+semantic cache, which loads its embedding model only once a policy asks for it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+from leangate.cache.singleflight import SingleFlight
+from leangate.cache.store import Store, StoreError
+from leangate.middleware.metrics import Metrics
+
+if TYPE_CHECKING:
+    from leangate.cache.semantic import SemanticCache
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StoreUnavailable(StoreError):
+    """The breaker is open: the store failed recently and is left alone for a moment."""
+
+
+class Breaker:
+    """Skips the store for a while after it fails, so that a dead Redis costs requests
+    nothing; the next call after the pause tries again (and the client reconnects)."""
+
+    def __init__(self, pause_s: float = 1.0, max_pause_s: float = 5.0) -> None:
+        self._base = pause_s
+        self._max = max_pause_s
+        self._pause = pause_s
+        self._retry_at = 0.0
+
+    @property
+    def open(self) -> bool:
+        return time.monotonic() < self._retry_at
+
+    async def call(self, operation: Awaitable[T]) -> T:
+        if self.open:
+            close = getattr(operation, "close", None)
+            if close is not None:
+                close()
+            raise StoreUnavailable("the cache store is paused after a failure")
+        try:
+            result = await operation
+        except StoreError:
+            self._retry_at = time.monotonic() + self._pause
+            self._pause = min(self._pause * 2, self._max)
+            raise
+        self._pause = self._base
+        return result
+
+
+class CacheServices:
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.breaker = Breaker()
+        self.singleflight = SingleFlight()
+        self._semantic: SemanticCache | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def semantic(self) -> SemanticCache | None:
+        """The semantic cache if it is ready; the first call starts loading it."""
+        if self._semantic is not None and self._starting is not None and self._starting.done():
+            return self._semantic if self._starting.exception() is None else None
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start_semantic(), name="semantic-start")
+        return None
+
+    async def start_semantic(self) -> None:
+        """Start the semantic cache now (from the lifespan, when a policy uses it)."""
+        self.semantic()
+        assert self._starting is not None
+        await self._starting
+
+    async def _start_semantic(self) -> None:
+        from leangate.cache.embedder import Embedder
+        from leangate.cache.semantic import SemanticCache
+
+        semantic = SemanticCache(self.store, Embedder())
+        self._semantic = semantic
+        try:
+            await semantic.start()
+        except Exception:
+            log.exception("the semantic cache could not start")
+            raise
+
+    def in_background(self, work: Awaitable[None], operation: str) -> None:
+        """Run store writes off the request path; a failure is logged and counted."""
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception as exc:
+                log.warning("cache %s failed: %r", operation, exc)
+                self.metrics.cache_errors.labels(operation).inc()
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for pending background writes (shutdown, tests)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._starting is not None:
+            if not self._starting.done():
+                self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        if self._semantic is not None:
+            await self._semantic.close()
+        await self.store.close()

@@ -1,0 +1,132 @@
+"""The backend client: health, balancing, affinity, retries and error mapping."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from leangate.backend.balancer import Replica, choose
+from leangate.backend.client import BackendClient, BackendSettings
+from leangate.backend.errors import (
+    BackendStatusError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelNotFound,
+)
+from leangate.backend.sse import iter_events
+from leangate.backend.transport import HttpxTransport
+
+MODELS = {"object": "list", "data": [{"id": "m", "object": "model"}]}
+
+
+def _client(handler: httpx.MockTransport, *urls: str) -> BackendClient:
+    settings = BackendSettings(urls=list(urls), max_retries=2)
+    return BackendClient(settings, HttpxTransport(handler))
+
+
+def _serving(down: set[str], calls: list[str], error: type[Exception] = httpx.ConnectError):
+    def handler(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        calls.append(host)
+        if host in down:
+            raise error("down")
+        return httpx.Response(200, json={"ok": host})
+
+    return httpx.MockTransport(handler)
+
+
+async def test_connect_failure_retries_on_another_replica() -> None:
+    calls: list[str] = []
+    client = _client(_serving({"a"}, calls), "http://a", "http://b")
+    await client.check_health()
+    for _ in range(3):
+        response = await client.send("/v1/completions", b"{}", model="m", stream=False)
+        assert (await response.read()) == b'{"ok":"b"}'
+    assert calls.count("a") == 1, "a refused once and was then taken out of rotation"
+    assert all(r.outstanding == 0 for r in client.replicas)
+    await client.aclose()
+
+
+async def test_other_failures_are_not_retried() -> None:
+    calls: list[str] = []
+    client = _client(_serving({"a", "b"}, calls, httpx.ReadTimeout), "http://a", "http://b")
+    await client.check_health()
+    with pytest.raises(BackendTimeout):
+        await client.send("/v1/completions", b"{}", model="m", stream=False)
+    assert len(calls) == 1
+    await client.aclose()
+
+
+async def test_all_replicas_down_is_unavailable() -> None:
+    calls: list[str] = []
+    client = _client(_serving({"a", "b"}, calls), "http://a", "http://b")
+    await client.check_health()
+    with pytest.raises(BackendUnavailable):
+        await client.send("/v1/completions", b"{}", model="m", stream=False)
+    assert sorted(calls) == ["a", "b"]
+    await client.aclose()
+
+
+async def test_unknown_model_and_error_status() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        return httpx.Response(400, json={"error": {"message": "too long"}})
+
+    client = _client(httpx.MockTransport(handler), "http://a")
+    await client.check_health()
+    with pytest.raises(ModelNotFound):
+        await client.send("/v1/completions", b"{}", model="other", stream=False)
+    with pytest.raises(BackendStatusError) as status:
+        await client.send("/v1/completions", b"{}", model="m", stream=False)
+    assert status.value.status_code == 400 and b"too long" in status.value.body
+    assert client.replicas[0].outstanding == 0
+    await client.aclose()
+
+
+async def test_unhealthy_replica_is_marked_and_recovers() -> None:
+    state = {"up": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not state["up"]:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json=MODELS)
+
+    client = _client(httpx.MockTransport(handler), "http://a")
+    await client.check_health()
+    assert not client.ready
+    state["up"] = True
+    await client.check_health()
+    assert client.ready and client.serves("m")
+    await client.aclose()
+
+
+def test_affinity_keeps_a_prefix_on_one_replica_until_it_is_loaded() -> None:
+    replicas = [Replica(f"http://r{i}", healthy=True, models=frozenset({"m"})) for i in range(4)]
+    first = choose(replicas, b"You are a helpful assistant.")
+    assert all(choose(replicas, b"You are a helpful assistant.") is first for _ in range(5))
+    spread = {choose(replicas, f"prompt {i}".encode()).url for i in range(40)}
+    assert len(spread) > 1
+    first.outstanding = 10
+    assert choose(replicas, b"You are a helpful assistant.") is not first
+    assert choose(replicas, None).outstanding == 0
+
+
+async def _chunks(*parts: bytes):  # type: ignore[no-untyped-def]
+    for part in parts:
+        yield part
+
+
+async def test_sse_parser_splits_events_across_chunks() -> None:
+    stream = _chunks(
+        b'data: {"a":', b'1}\n\ndata: {"b":2}\r\n\r\n: keep-alive\n\n', b"data: [DONE]\n\n"
+    )
+    assert [e async for e in iter_events(stream)] == [b'{"a":1}', b'{"b":2}']
+
+
+async def test_sse_parser_rejects_a_stream_without_done() -> None:
+    from leangate.backend.errors import BackendProtocolError
+
+    with pytest.raises(BackendProtocolError):
+        _ = [e async for e in iter_events(_chunks(b'data: {"a":1}\n\n'))]

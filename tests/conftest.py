@@ -1,0 +1,125 @@
+"""Shared fixtures: the real vLLM server, the real Redis, and proxies run in a thread.
+
+Integration tests never skip for a missing component: vLLM is started when none is
+running (``LEANGATE_TEST_BACKEND_URL`` points at one that is), and a Redis that does not
+answer fails the run with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+import redis
+import uvicorn
+from leangate.backend.transport import Transport
+from leangate.middleware.app import create_app
+
+from leangate.settings import Settings
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def vllm_url() -> Iterator[str]:
+    """Base URL (no /v1) of a real vLLM server serving the bundled model."""
+    given = os.environ.get("LEANGATE_TEST_BACKEND_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    from leangate.backend.localvllm import LocalVLLM
+
+    server = LocalVLLM()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis at {url} does not answer ({exc}). The test command starts one; "
+            "run scripts/test.sh, or start redis-server and set REDIS_URL.",
+            pytrace=False,
+        )
+    finally:
+        client.close()
+    return url
+
+
+class ProxyThread:
+    """A leangate app served by uvicorn on a free port, in a thread with its own loop."""
+
+    def __init__(self, settings: Settings, transport: Transport | None = None) -> None:
+        self.app = create_app(settings, transport=transport)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ProxyThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+NO_STAGES = "rules: []\n"
+
+
+def write_policy(directory: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def proxy_settings(backend_url: str, **overrides: Any) -> Settings:
+    return Settings(backend_url=backend_url, **overrides)
+
+
+@pytest.fixture(scope="session")
+def proxy(vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyThread]:
+    """A proxy running no stage at all in front of the real vLLM server."""
+    policy = write_policy(tmp_path_factory.mktemp("proxy"), NO_STAGES)
+    with ProxyThread(proxy_settings(vllm_url, policy=policy)) as running:
+        yield running
+
+
+def backend_requests(proxy: ProxyThread) -> float:
+    """How many requests the proxy has sent to its backend, from its /metrics."""
+    import httpx
+
+    text = httpx.get(proxy.url + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("leangate_backend_requests_total")
+    )
