@@ -15,6 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from leangate.backend.balancer import Replica, choose
 from leangate.backend.errors import (
     BackendConnectError,
@@ -31,7 +33,6 @@ from leangate.backend.transport import (
     UpstreamRequest,
     UpstreamResponse,
 )
-from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 

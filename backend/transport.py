@@ -22,6 +22,7 @@ from typing import Self
 
 import aiohttp
 import httpx
+
 from leangate.backend.errors import (
     BackendConnectError,
     BackendError,

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+
 from leangate.cache.keys import scope_prefix
 from leangate.cache.services import CacheServices
 from leangate.cache.store import StoreError

@@ -13,6 +13,7 @@ import hashlib
 from typing import Any
 
 import orjson
+
 from leangate.middleware.context import RequestContext
 
 PREFIX = "lg"

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
+
 from leangate.middleware.protocol import Route
 
 REPLAY_PIECE_CHARS = 64

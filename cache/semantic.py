@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
+
 from leangate.cache.embedder import Embedder
 from leangate.cache.keys import PREFIX, SEMANTIC_EVENTS, SEMANTIC_INDEX
 from leangate.cache.store import Store, StoreError

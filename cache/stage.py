@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
 from leangate.cache.keys import answer_key, exact_hash, semantic_key, semantic_parts
 from leangate.cache.replay import assemble, is_complete, to_events
 from leangate.cache.services import CacheServices
@@ -22,7 +24,6 @@ from leangate.cache.verify import Verifier, VerifierSettings
 from leangate.middleware.context import JsonResult, RequestContext, Result, StreamResult
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
-from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     import numpy as np

@@ -90,7 +90,7 @@ _NUMBER = re.compile(r"(?<![A-Za-z_])\d+(?:[.,:/]\d+)*")
 _LIST_MARKER = re.compile(r"(?m)^\s*\d{1,2}[.)]\s+")
 _ANSWER_PARTICLE = re.compile(r"^\s*(?:yes|no)\b[,.!:;]?\s*", re.IGNORECASE)
 _QUOTED = re.compile(r"`([^`]{2,80})`|\"([^\"]{2,80})\"|“([^”]{2,80})”")
-_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n\s*)(?:[\"'“(`*\-\s]*)$")
+_OPENERS = " \t\"'(`*-\u201c"  # may sit between a sentence end and its first word
 
 _NEGATIONS = frozenset(
     {
@@ -171,12 +171,19 @@ def _numbers(text: str, words: list[str]) -> frozenset[str]:
     return frozenset(found)
 
 
+def _starts_sentence(text: str, position: int) -> bool:
+    before = text[max(0, position - 12) : position].rstrip(_OPENERS)
+    if position > 12 and not before:
+        return False  # only openers in the window: assume mid-sentence
+    return not before or before[-1] in ".!?:;\n"
+
+
 def _entities(text: str) -> frozenset[str]:
     """Proper nouns (capitalised, not sentence-initial) and code identifiers, normalised."""
     out: set[str] = set()
     for match in _WORD.finditer(text):
         token = match.group()
-        proper_noun = token[0].isupper() and not _SENTENCE_START.search(text[: match.start()])
+        proper_noun = token[0].isupper() and not _starts_sentence(text, match.start())
         if proper_noun or _is_identifier(token):
             out.add(_norm_word(token))
     out.discard("")

@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "bench":
         _bench(args.name, args.rest)
         return
-    handler = {"serve": _serve, "policy": _policy_check}[args.command]
+    handler = {"serve": _serve, "policy": _policy_check, "up": _up, "cache": _cache}[args.command]
     sys.exit(handler(args))
 
 
@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path)
+
+    up = commands.add_parser("up", help="start local vLLM and the proxy, and try a request")
+    from leangate import up as up_module
+
+    up_module.add_arguments(up)
+
+    cache = commands.add_parser("cache", help="the result cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    purge = cache_commands.add_parser("purge", help="delete entries by tenant and/or namespace")
+    purge.add_argument("--redis-url", required=True)
+    purge.add_argument("--tenant")
+    purge.add_argument("--namespace")
 
     bench = commands.add_parser("bench", help="run a benchmark", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS))
@@ -97,6 +109,34 @@ def _policy_check(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(policy.rules)} rules, {stages} stages, "
         f"{len(policy.tenants)} tenants)"
     )
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from leangate import up
+
+    return up.run(args)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from leangate.cache.purge import purge
+    from leangate.cache.store import RedisStore
+
+    async def run() -> int:
+        store = RedisStore(args.redis_url, timeout_s=5.0)
+        try:
+            return await purge(store, tenant=args.tenant, namespace=args.namespace)
+        finally:
+            await store.close()
+
+    try:
+        deleted = asyncio.run(run())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"deleted {deleted} entries")
     return 0
 
 

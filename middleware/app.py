@@ -16,6 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import BackendError
 from leangate.backend.sse import DONE_EVENT, encode_event
@@ -38,11 +43,6 @@ from leangate.middleware.metrics import Metrics
 from leangate.middleware.policy import Policy, load_policy, uses_semantic_cache
 from leangate.middleware.protocol import Route
 from leangate.middleware.services import Services
-from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-
 from leangate.settings import Settings
 
 log = logging.getLogger(__name__)

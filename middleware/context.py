@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
 from leangate.backend.client import BackendClient
 from leangate.middleware.protocol import (
     ROUTE_PATHS,

@@ -12,9 +12,10 @@ come from the tree in ``leangate.backend.errors``, edge errors from ``ProxyError
 from __future__ import annotations
 
 import orjson
-from leangate.backend.errors import BackendError, BackendStatusError
 from pydantic import ValidationError
 from starlette.responses import Response
+
+from leangate.backend.errors import BackendError, BackendStatusError
 
 
 class ProxyError(Exception):

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
+
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import ModelNotFound
 from leangate.backend.sse import iter_events
@@ -20,7 +22,6 @@ from leangate.middleware.policy import Policy
 from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
 from leangate.middleware.registry import STAGES
 from leangate.middleware.services import Services
-from pydantic import ValidationError
 
 STAGES_HEADER = "x-leangate-stages"
 DISABLE_HEADER = "x-leangate-disable"

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
 from leangate.middleware.errors import describe_validation_error
 from leangate.middleware.protocol import Route
 from leangate.middleware.registry import stage_class
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 ANONYMOUS = "anonymous"
 

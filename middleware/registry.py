@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
+from pydantic import BaseModel
+
 from leangate.middleware.pipeline import Stage
 from leangate.middleware.services import Services
-from pydantic import BaseModel
 
 STAGES: dict[str, str] = {
     "passthrough": "leangate.middleware.stages:PassThrough",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import BaseModel, ConfigDict
+
 from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
-from pydantic import BaseModel, ConfigDict
 
 
 class PassThrough:

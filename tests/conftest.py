@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import redis
 import uvicorn
+
 from leangate.backend.transport import Transport
 from leangate.middleware.app import create_app
-
 from leangate.settings import Settings
 
 MODEL = "SmolLM2-135M-Instruct"

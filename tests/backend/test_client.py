@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from leangate.backend.balancer import Replica, choose
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.errors import (

@@ -69,12 +69,17 @@ def _post(
     return response
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["redis", "memory"])
 def cached(
-    vllm_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    vllm_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ProxyThread]:
+    """The same cache on the real Redis and on the embedded in-process store."""
     policy = write_policy(tmp_path_factory.mktemp("exact"), EXACT % _unique())
-    settings = proxy_settings(vllm_url, policy=policy, redis_url=redis_url, admin_api_key="admin")
+    store_url = redis_url if request.param == "redis" else None
+    settings = proxy_settings(vllm_url, policy=policy, redis_url=store_url, admin_api_key="admin")
     with ProxyThread(settings) as running:
         yield running
 

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL, ProxyThread, proxy_settings
+
 from leangate.backend.transport import HttpxTransport
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

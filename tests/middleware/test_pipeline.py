@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.errors import BackendTimeout
 from leangate.middleware.context import JsonResult, RequestContext, Result

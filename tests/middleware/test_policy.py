@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.policy import ANONYMOUS, Policy, PolicyError, parse_policy
 

@@ -1,0 +1,723 @@
+"""Shared machinery for every ``leangate bench <name>`` subcommand.
+
+Conventions every benchmark follows:
+
+* figures are ratios/differences against the direct-to-backend baseline measured in
+  the same run, from interleaved rounds (direct, proxy, direct, proxy, ...) after a
+  warm-up, summarised with medians across rounds;
+* progress goes to stderr via :func:`log`; the final JSON object is printed on the
+  last line of stdout by :func:`emit`;
+* the proxy and any helper servers run as subprocesses (:func:`spawn_proxy`,
+  :func:`spawn_responder`), so their CPU time can be read from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import http.client
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol, TypeVar, cast
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+BACKEND_URL_ENV = "LEANGATE_BACKEND_URL"
+REDIS_URL_ENV = "REDIS_URL"
+PROXY_COMMAND_ENV = "LEANGATE_BENCH_PROXY_COMMAND"
+DEFAULT_VLLM_PORT = 8000
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (service failed to start, bad response, ...)."""
+
+
+# --------------------------------------------------------------------------- output
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout is reserved for the final JSON line)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _json_safe(value: object) -> object:
+    """Replace NaN/inf (not valid JSON) by ``None``, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def emit(result: Mapping[str, object]) -> None:
+    """Print ``result`` as one compact JSON object on the last line of stdout."""
+    sys.stderr.flush()
+    line = json.dumps(_json_safe(dict(result)), allow_nan=False, separators=(",", ":"))
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def machine_info() -> dict[str, object]:
+    """Context for the result: the machine is shared and noisy, so record its load."""
+    load1, load5, _ = os.getloadavg()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m": round(load1, 2),
+        "loadavg_5m": round(load5, 2),
+    }
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by all benchmarks."""
+    parser.add_argument(
+        "--backend-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help=f"OpenAI-compatible backend (repeatable; default ${BACKEND_URL_ENV}, "
+        "else the bundled local vLLM is started)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV),
+        help=f"Redis URL (default ${REDIS_URL_ENV})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced set, finishes in under 3 minutes"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measured interleaved rounds per arm (default depends on --quick)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--proxy-command",
+        default=os.environ.get(PROXY_COMMAND_ENV),
+        help="override the command that starts the proxy (default: "
+        "'<python> -m leangate serve'); it receives --host/--port/--backend-url",
+    )
+
+
+def resolve_rounds(args: argparse.Namespace, *, quick: int, full: int) -> int:
+    """``--rounds`` if given, else the quick/full default."""
+    rounds = args.rounds if args.rounds is not None else (quick if args.quick else full)
+    if rounds < 1:
+        raise BenchError("--rounds must be >= 1")
+    return int(rounds)
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://h:p/v1/`` -> ``http://h:p``: services are addressed without ``/v1``."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+def given_backend_urls(args: argparse.Namespace) -> list[str]:
+    """Backend URLs from ``--backend-url`` or the environment (may be empty)."""
+    urls: list[str] = list(getattr(args, "backend_url", None) or [])
+    if not urls:
+        env = os.environ.get(BACKEND_URL_ENV, "")
+        urls = [u for u in re.split(r"[,\s]+", env) if u]
+    return [normalize_base_url(u) for u in urls]
+
+
+class _Startable(Protocol):
+    def start(self) -> str: ...
+    def stop(self) -> None: ...
+
+
+def _local_vllm(port: int) -> _Startable:
+    """``LocalVLLM(LocalVLLMConfig(port=port))``, imported lazily.
+
+    Lazy because the launcher is only needed without ``--backend-url``; by module
+    name because mypy, run on the source folders, cannot map ``leangate.backend``
+    (a package-dir mapping of the folder ``backend/``).
+    """
+    module = importlib.import_module("leangate.backend.localvllm")
+    server: _Startable = module.LocalVLLM(module.LocalVLLMConfig(port=port))
+    return server
+
+
+@contextlib.contextmanager
+def backend_urls(args: argparse.Namespace) -> Iterator[list[str]]:
+    """Yield the backend base URLs (no ``/v1``); start the bundled vLLM if none given."""
+    urls = given_backend_urls(args)
+    if urls:
+        yield urls
+        return
+    port = int(os.environ.get("LEANGATE_VLLM_PORT", DEFAULT_VLLM_PORT))
+    log(f"no backend URL given; starting the bundled local vLLM on port {port}")
+    server = _local_vllm(port)
+    base = normalize_base_url(server.start())
+    try:
+        yield [base]
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """``q``-th percentile (0..100) with linear interpolation (numpy's default)."""
+    if not values:
+        return math.nan
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile out of range: {q}")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    frac = pos - lo
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * frac
+
+
+def median(values: Sequence[float]) -> float:
+    """Median, NaN for an empty sequence."""
+    return float(statistics.median(values)) if values else math.nan
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN when undefined."""
+    if denominator == 0 or math.isnan(denominator) or math.isnan(numerator):
+        return math.nan
+    return numerator / denominator
+
+
+def rounded(value: float, digits: int = 4) -> float:
+    """Round for the JSON output, keeping NaN (emitted as null)."""
+    return value if math.isnan(value) else round(value, digits)
+
+
+# ---------------------------------------------------------------- interleaved runs
+
+
+def run_interleaved(
+    arms: Sequence[tuple[str, Callable[[], T]]],
+    *,
+    rounds: int,
+    warmup_rounds: int = 1,
+    on_round: Callable[[int, str, T], None] | None = None,
+) -> dict[str, list[T]]:
+    """Run ``arms`` in strict alternation, round after round: A, B, A, B, ...
+
+    Interleaving spreads slow drift of a noisy machine evenly over the arms.  The
+    first ``warmup_rounds`` rounds are run but not returned.  ``on_round`` gets the
+    measured round index (negative during warm-up), the arm name and its result.
+    """
+    results: dict[str, list[T]] = {name: [] for name, _ in arms}
+    for index in range(-warmup_rounds, rounds):
+        for name, fn in arms:
+            gc.collect()
+            outcome = fn()
+            if on_round is not None:
+                on_round(index, name, outcome)
+            if index >= 0:
+                results[name].append(outcome)
+    return results
+
+
+async def arun_interleaved(
+    arms: Sequence[tuple[str, Callable[[], Awaitable[T]]]],
+    *,
+    rounds: int,
+    warmup_rounds: int = 1,
+    on_round: Callable[[int, str, T], None] | None = None,
+) -> dict[str, list[T]]:
+    """Async twin of :func:`run_interleaved`."""
+    results: dict[str, list[T]] = {name: [] for name, _ in arms}
+    for index in range(-warmup_rounds, rounds):
+        for name, fn in arms:
+            gc.collect()
+            outcome = await fn()
+            if on_round is not None:
+                on_round(index, name, outcome)
+            if index >= 0:
+                results[name].append(outcome)
+    return results
+
+
+# ---------------------------------------------------------------------- CPU time
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read_stat(pid: int) -> tuple[int, float] | None:
+    """``(ppid, utime+stime seconds)`` of ``pid`` from ``/proc``, None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may contain spaces/parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    ppid = int(fields[1])
+    ticks = int(fields[11]) + int(fields[12])
+    return ppid, ticks / _CLK_TCK
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat is not None:
+            children.setdefault(stat[0], []).append(int(entry.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def cpu_seconds(pid: int, *, include_descendants: bool = True) -> float:
+    """User+system CPU seconds consumed so far by ``pid`` (and its live descendants).
+
+    Descendants matter when the server forks workers.  Resolution is one clock tick
+    (usually 10 ms), so measure deltas over many requests.
+    """
+    stat = _read_stat(pid)
+    if stat is None:
+        raise BenchError(f"process {pid} is gone")
+    total = stat[1]
+    if include_descendants:
+        for child in _descendants(pid):
+            child_stat = _read_stat(child)
+            if child_stat is not None:
+                total += child_stat[1]
+    return total
+
+
+# ------------------------------------------------------------------ subprocesses
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (tiny race before the child binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SpawnedService:
+    """A benchmark-owned server subprocess."""
+
+    name: str
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Last lines of the service's combined stdout/stderr."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "<no output>"
+        return "\n".join(text.splitlines()[-lines:]) or "<no output>"
+
+
+def _health_ok(host: str, port: int, path: str) -> bool:
+    """One health probe.  http.client, unlike urllib, ignores *_proxy env vars."""
+    conn = http.client.HTTPConnection(host, port, timeout=2.0)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def wait_for_http(base_url: str, path: str = "/v1/models", *, timeout_s: float = 60.0) -> None:
+    """Wait until ``GET base_url+path`` answers 200 (a backend may be restarting)."""
+    parts = urlsplit(base_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while not _health_ok(host, port, parts.path.rstrip("/") + path):
+        if time.monotonic() > deadline:
+            raise BenchError(f"backend {base_url} not answering GET {path} after {timeout_s:.0f}s")
+        if not announced:
+            log(f"waiting up to {timeout_s:.0f}s for {base_url}{path} ...")
+            announced = True
+        time.sleep(1.0)
+
+
+def _wait_healthy(service: SpawnedService, path: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = service.process.poll()
+        if code is not None:
+            raise BenchError(
+                f"{service.name} exited with code {code} before becoming healthy; "
+                f"output tail:\n{service.log_tail()}"
+            )
+        if _health_ok("127.0.0.1", service.port, path):
+            return
+        time.sleep(0.1)
+    raise BenchError(
+        f"{service.name} not healthy at {service.url}{path} after {timeout_s:.0f}s; "
+        f"output tail:\n{service.log_tail()}"
+    )
+
+
+def _stop(service: SpawnedService, grace_s: float = 10.0) -> None:
+    """SIGTERM the service's own process group, then SIGKILL it if it lingers."""
+    proc = service.process
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=grace_s)
+    service._log_file.close()
+    with contextlib.suppress(FileNotFoundError):
+        service.log_path.unlink()
+
+
+@contextlib.contextmanager
+def spawn_service(
+    name: str,
+    command: Sequence[str],
+    *,
+    port: int,
+    health_path: str = "/health",
+    startup_timeout_s: float = 60.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[SpawnedService]:
+    """Start ``command`` (which must listen on 127.0.0.1:``port``), wait for health.
+
+    Output goes to a temporary file rather than a pipe, so a chatty server can never
+    block on a full pipe; its tail is shown if the service fails to start.
+    """
+    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in _stop
+        prefix=f"leangate-bench-{name}-", suffix=".log", delete=False
+    )
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    process = subprocess.Popen(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        start_new_session=True,  # own process group: clean shutdown of any workers
+    )
+    service = SpawnedService(
+        name=name,
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        process=process,
+        log_path=Path(log_file.name),
+        _log_file=log_file,
+    )
+    try:
+        _wait_healthy(service, health_path, startup_timeout_s)
+        log(f"{name} ready at {service.url} (pid {process.pid})")
+        yield service
+    finally:
+        _stop(service)
+
+
+def proxy_command(
+    backend_urls: Sequence[str],
+    *,
+    port: int,
+    policy: str | Path | None = None,
+    redis_url: str | None = None,
+    base_command: Sequence[str] | str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """Command line of the proxy under test."""
+    if base_command is None:
+        base = [sys.executable, "-m", "leangate", "serve"]
+    elif isinstance(base_command, str):
+        base = shlex.split(base_command)
+    else:
+        base = list(base_command)
+    cmd = [*base, "--host", "127.0.0.1", "--port", str(port)]
+    for url in backend_urls:
+        cmd += ["--backend-url", url]
+    if policy is not None:
+        cmd += ["--policy", str(policy)]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    return [*cmd, *extra_args]
+
+
+@contextlib.contextmanager
+def spawn_proxy(
+    backend_urls: Sequence[str],
+    *,
+    policy: str | Path | None = None,
+    redis_url: str | None = None,
+    base_command: Sequence[str] | str | None = None,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    startup_timeout_s: float = 60.0,
+) -> Iterator[SpawnedService]:
+    """Run the proxy under test on a free port until the block exits."""
+    port = free_port()
+    cmd = proxy_command(
+        backend_urls,
+        port=port,
+        policy=policy,
+        redis_url=redis_url,
+        base_command=base_command,
+        extra_args=extra_args,
+    )
+    log(f"starting proxy: {shlex.join(cmd)}")
+    with spawn_service(
+        "proxy", cmd, port=port, startup_timeout_s=startup_timeout_s, env=env
+    ) as service:
+        yield service
+
+
+@contextlib.contextmanager
+def spawn_responder(
+    *,
+    model: str = "bench-model",
+    stream_chunks: int = 4,
+    chunk_interval_ms: float = 0.0,
+    startup_timeout_s: float = 30.0,
+) -> Iterator[SpawnedService]:
+    """Run the minimal OpenAI-compatible responder (``bench/responder.py``)."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "leangate.bench.responder",
+        "--port",
+        str(port),
+        "--model",
+        model,
+        "--stream-chunks",
+        str(stream_chunks),
+        "--chunk-interval-ms",
+        str(chunk_interval_ms),
+    ]
+    with spawn_service("responder", cmd, port=port, startup_timeout_s=startup_timeout_s) as svc:
+        yield svc
+
+
+# ------------------------------------------------------------ raw HTTP/1.1 client
+
+# First SSE event carrying generated text: ``"content": "x`` / ``"text":"x`` (non-empty).
+_FIRST_TOKEN_RE = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """Response of :class:`RawHTTPClient`; times are ``perf_counter`` seconds."""
+
+    status: int
+    body: bytes
+    first_token_at: float | None = None
+
+
+class RawHTTPClient:
+    """Minimal blocking keep-alive HTTP/1.1 client for concurrency-1 latency loops.
+
+    A tight loop over one socket costs a few tens of microseconds per request, far
+    less (and far less jittery) than an asyncio client, so the client does not blur
+    the sub-millisecond differences being measured.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float = 120.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or parts.hostname is None:
+            raise BenchError(f"only plain http:// URLs are supported: {base_url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._rfile: IO[bytes] | None = None
+
+    def close(self) -> None:
+        if self._rfile is not None:
+            self._rfile.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._rfile = None
+
+    def __enter__(self) -> RawHTTPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _connection(self) -> tuple[socket.socket, IO[bytes]]:
+        if self._sock is None or self._rfile is None:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+            rfile = cast(IO[bytes], sock.makefile("rb", buffering=65536))
+            self._rfile = rfile
+            return sock, rfile
+        return self._sock, self._rfile
+
+    def build_request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        """Pre-serialised request bytes (build once, send many times)."""
+        lines = [
+            f"{method} {self.prefix}{path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "Accept: */*",
+        ]
+        if body is not None:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+    def send(self, request: bytes, *, watch_first_token: bool = False) -> RawResponse:
+        """Send pre-built ``request``; read the whole response (reconnect if closed)."""
+        try:
+            return self._send_once(request, watch_first_token)
+        except (ConnectionError, BenchError):
+            # Stale keep-alive connection closed by the server: retry once, fresh.
+            self.close()
+            return self._send_once(request, watch_first_token)
+
+    def _send_once(self, request: bytes, watch_first_token: bool) -> RawResponse:
+        sock, rfile = self._connection()
+        sock.sendall(request)
+        status_line = rfile.readline(65537)
+        if not status_line:
+            raise BenchError("connection closed before response")
+        status = int(status_line.split(None, 2)[1])
+        length: int | None = None
+        chunked = False
+        close = False
+        while True:
+            line = rfile.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            key = name.strip().lower()
+            if key == b"content-length":
+                length = int(value)
+            elif key == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif key == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            body, first = _read_chunked(rfile, watch_first_token)
+        elif length is not None:
+            body = rfile.read(length)
+            first = time.perf_counter() if watch_first_token else None
+        else:
+            body, close = rfile.read(), True
+            first = time.perf_counter() if watch_first_token else None
+        if close:
+            self.close()
+        return RawResponse(status=status, body=body, first_token_at=first)
+
+
+def _read_chunked(rfile: IO[bytes], watch_first_token: bool) -> tuple[bytes, float | None]:
+    """Read a chunked body; note when the first non-empty token arrives."""
+    parts: list[bytes] = []
+    first: float | None = None
+    seen = b""
+    while True:
+        size_line = rfile.readline(65537)
+        if not size_line:
+            raise BenchError("connection closed inside chunked body")
+        size = int(size_line.split(b";", 1)[0], 16)
+        if size == 0:
+            while rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts), first
+        chunk = rfile.read(size)
+        rfile.readline(65537)
+        parts.append(chunk)
+        if watch_first_token and first is None:
+            # Keep a short tail so a marker split across chunks is still found.
+            seen = seen[-64:] + chunk
+            if _FIRST_TOKEN_RE.search(seen):
+                first = time.perf_counter()
+
+
+@dataclass
+class LatencySample:
+    """Per-request timings (seconds) of one round at concurrency 1."""
+
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def sequential_round(
+    client: RawHTTPClient,
+    request: bytes,
+    count: int,
+    *,
+    watch_first_token: bool = False,
+) -> LatencySample:
+    """``count`` back-to-back requests on one keep-alive connection (concurrency 1).
+
+    The cyclic GC is paused inside the loop so client-side collections do not land
+    in one arm's timings more than the other's.
+    """
+    sample = LatencySample()
+    perf = time.perf_counter
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(count):
+            start = perf()
+            response = client.send(request, watch_first_token=watch_first_token)
+            end = perf()
+            if response.status != 200:
+                sample.errors += 1
+                continue
+            sample.latencies.append(end - start)
+            if response.first_token_at is not None:
+                sample.ttfts.append(response.first_token_at - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return sample

@@ -1,0 +1,100 @@
+"""The benchmark responder must look exactly like an OpenAI server to real clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from leangate.bench.responder import ResponderConfig, start_responder
+
+
+async def _client(config: ResponderConfig) -> AsyncIterator[openai.AsyncOpenAI]:
+    server = await start_responder(config)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        ) as client:
+            yield client
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[openai.AsyncOpenAI]:
+    async for c in _client(ResponderConfig(model="resp-model", stream_chunks=3)):
+        yield c
+
+
+@pytest.fixture
+async def paced_client() -> AsyncIterator[openai.AsyncOpenAI]:
+    async for c in _client(ResponderConfig(stream_chunks=4, chunk_interval_ms=1.0)):
+        yield c
+
+
+async def test_models_lists_configured_model(client: openai.AsyncOpenAI) -> None:
+    page = await client.models.list()
+    assert [m.id for m in page.data] == ["resp-model"]
+
+
+async def test_chat_completion(client: openai.AsyncOpenAI) -> None:
+    for _ in range(3):  # several requests over one keep-alive connection
+        reply = await client.chat.completions.create(
+            model="asked-model", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.model == "asked-model"
+        assert reply.object == "chat.completion"
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage is not None
+        assert reply.usage.total_tokens > 0
+
+
+async def test_text_completion(client: openai.AsyncOpenAI) -> None:
+    reply = await client.completions.create(model="m", prompt="hi")
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text
+
+
+async def test_chat_stream(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    content_chunks = [c for c in chunks if c.choices]
+    assert len(content_chunks) == 3
+    assert content_chunks[0].choices[0].delta.role == "assistant"
+    assert content_chunks[-1].choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == ResponderConfig.completion_text
+    assert chunks[-1].usage is not None
+
+
+async def test_text_stream(paced_client: openai.AsyncOpenAI) -> None:
+    for _ in range(2):  # the paced stream must leave the connection reusable
+        stream = await paced_client.completions.create(model="m", prompt="hi", stream=True)
+        pieces = [chunk.choices[0].text async for chunk in stream]
+        assert len(pieces) == 4
+        assert "".join(pieces) == ResponderConfig.completion_text
+
+
+async def test_unknown_route_is_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await client.embeddings.create(model="m", input="x")
+
+
+async def test_invalid_json_is_400_and_health(client: openai.AsyncOpenAI) -> None:
+    async with httpx.AsyncClient(trust_env=False, base_url=str(client.base_url)) as raw:
+        bad = await raw.post("chat/completions", content=b"{not json")
+        assert bad.status_code == 400
+        assert "error" in bad.json()
+        health = await raw.get(str(client.base_url).replace("/v1/", "/health"))
+        assert health.status_code == 200
