@@ -8,7 +8,7 @@ requests in flight than the least-loaded one, the least-loaded one wins.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -30,12 +30,23 @@ def _rendezvous_score(key: bytes, replica: Replica) -> bytes:
     return hashlib.blake2b(key + replica.url.encode(), digest_size=8).digest()
 
 
-def choose(candidates: Sequence[Replica], affinity_key: bytes | None, slack: int = 4) -> Replica:
-    """Pick one of ``candidates`` (which must not be empty)."""
+def choose(
+    candidates: Sequence[Replica],
+    affinity_key: Callable[[], bytes | None] | None = None,
+    slack: int = 4,
+) -> Replica:
+    """Pick one of ``candidates`` (which must not be empty).
+
+    ``affinity_key`` is called only when there is a choice to make: computing it costs
+    more than the rest of the decision on a single-replica deployment.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
     least = min(candidates, key=lambda r: r.outstanding)
-    if affinity_key is None or len(candidates) == 1:
+    key = affinity_key() if affinity_key is not None else None
+    if key is None:
         return least
-    preferred = max(candidates, key=lambda r: _rendezvous_score(affinity_key, r))
+    preferred = max(candidates, key=lambda r: _rendezvous_score(key, r))
     if preferred.outstanding - least.outstanding >= slack:
         return least
     return preferred

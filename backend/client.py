@@ -187,12 +187,13 @@ class BackendClient:
         *,
         model: str,
         stream: bool,
-        affinity_key: bytes | None = None,
+        affinity_key: Callable[[], bytes | None] | None = None,
     ) -> UpstreamResponse:
         """POST ``body`` to ``path`` on a suitable replica.
 
         Returns the response once its headers have arrived with a 2xx status. An error
         status raises ``BackendStatusError`` with the server's body kept verbatim.
+        ``affinity_key`` gives the prompt prefix when there are replicas to choose from.
         """
         tried: set[int] = set()
         while True:

@@ -131,6 +131,7 @@ class AiohttpTransport(Transport):
         self._connect_timeout_s = connect_timeout_s
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[bool, float], aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -138,19 +139,30 @@ class AiohttpTransport(Transport):
                 limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
+    def _timeout(self, request: UpstreamRequest) -> aiohttp.ClientTimeout:
+        key = (request.stream, request.timeout_s)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            if request.stream:
+                timeout = aiohttp.ClientTimeout(
+                    sock_connect=self._connect_timeout_s, sock_read=request.timeout_s
+                )
+            else:
+                timeout = aiohttp.ClientTimeout(
+                    total=request.timeout_s, sock_connect=self._connect_timeout_s
+                )
+            self._timeouts[key] = timeout
+        return timeout
+
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        if request.stream:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self._connect_timeout_s, sock_read=request.timeout_s
-            )
-        else:
-            timeout = aiohttp.ClientTimeout(
-                total=request.timeout_s, sock_connect=self._connect_timeout_s
-            )
+        timeout = self._timeout(request)
         try:
             response = await self._get_session().request(
                 request.method,

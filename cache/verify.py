@@ -75,21 +75,29 @@ class TextFeatures:
 
     words: frozenset[str]
     content: frozenset[str]
-    numbers: frozenset[str]
+    numbers: frozenset[str]  # written with digits (or as a plural count word, "thousands")
+    number_words: frozenset[str]  # spelled out only ("two methods"), normalised to digits
     negated: bool
+    negative_cue: bool  # a negative word that is not a negation ("without", "deprecated")
     entities: frozenset[str]
     quoted: tuple[str, ...]
     lowered: str
     acronyms: frozenset[str]
+    spelled: tuple[tuple[str, frozenset[str]], ...]  # (initials, words of the run) pairs
+    compounds: tuple[tuple[str, frozenset[str]], ...]  # CamelCase entities and their parts
     trigrams: frozenset[str]
 
 
 _WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.'\-]*[A-Za-z0-9_]|[A-Za-z0-9_]")
 _APOSTROPHE = "\u2019"  # typographic apostrophe, folded to "'" before tokenising
-_NUMBER = re.compile(r"(?<![A-Za-z_])\d+(?:[.,:/]\d+)*")
+_NUMBER = re.compile(r"(?:(?<![A-Za-z_])|(?<=\bv))\d+(?:[.,:/]\d+)*")  # "v2.10" is 2.10
+_VERSION = re.compile(r"v\d+(?:\.\d+)*")
 _LIST_MARKER = re.compile(r"(?m)^\s*\d{1,2}[.)]\s+")
-_ANSWER_PARTICLE = re.compile(r"^\s*(?:yes|no)\b[,.!:;]?\s*", re.IGNORECASE)
-_QUOTED = re.compile(r"`([^`]{2,80})`|\"([^\"]{2,80})\"|“([^”]{2,80})”")
+# "Yes, ..." / "No. ..." only: in "No alternative is mentioned" the "No" is a real negation.
+_ANSWER_PARTICLE = re.compile(r"^\s*(?:yes|no)\b[,.!:;]\s*", re.IGNORECASE)
+_QUOTED = re.compile(r"`([^`]{1,80})`|\"([^\"]{2,80})\"|“([^”]{2,80})”")
+# "1) ... 2) ..." enumerations inside a sentence (not "f(1)").
+_INLINE_MARKER = re.compile(r"(?<![\w(\[])\d{1,2}\)\s")
 _OPENERS = " \t\"'(`*-\u201c"  # may sit between a sentence end and its first word
 
 _NEGATIONS = frozenset(
@@ -127,7 +135,42 @@ _NUMBER_WORDS = {
     "thousand": "1000",
     "million": "1000000",
     "billion": "1000000000",
+    "hundreds": "100",
+    "thousands": "1000",
+    "millions": "1000000",
+    "billions": "1000000000",
 }
+# Negative words that are not negations. A paraphrase may trade one for a negation ("in the
+# absence of X" / "if there is no X", "deprecated" / "no longer available"), so a polarity
+# mismatch is forgiven when the side without a negation has one of these.
+_NEGATIVE_CUES = frozenset(
+    {
+        "without",
+        "absence",
+        "absent",
+        "lack",
+        "lacks",
+        "lacking",
+        "unable",
+        "deprecated",
+        "instead",
+        "unavailable",
+        "unsupported",
+        "optional",
+        "avoid",
+        "avoiding",
+        "prevent",
+        "prevents",
+        "except",
+        "uncertain",
+        "unclear",
+        "unknown",
+        "different",
+    }
+)
+# A negation followed by one of these is a positive ("don't forget" = "remember").
+_DOUBLE_NEGATIVES = frozenset({"forget", "fail", "hesitate"})
+_ABBREVIATIONS = frozenset({"e.g", "i.e", "etc", "vs", "cf", "approx"})
 _STOPWORD_TEXT = """
     a about above after again against all also am an and any are as at be because been before
     being below between both but by can could did do does doing down during each few for from
@@ -155,24 +198,44 @@ def _is_negation(word: str) -> bool:
     return word in _NEGATIONS or word.endswith("n't")
 
 
+def _negated(words: list[str]) -> bool:
+    """Whether lower-cased ``words`` hold a real negation.
+
+    Not counted: "not only" (... but also), "or not" (whether or not) and double negatives
+    such as "don't forget".
+    """
+    for i, word in enumerate(words):
+        if not _is_negation(word):
+            continue
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if word == "not" and (following == "only" or (i > 0 and words[i - 1] == "or")):
+            continue
+        if following in _DOUBLE_NEGATIVES:
+            continue
+        return True
+    return False
+
+
 def _is_identifier(token: str) -> bool:
     """Code-like tokens: snake_case, dotted.names, CamelCase inner capitals, letter+digit mixes."""
     if "_" in token or ("." in token.strip(".") and not token.replace(".", "").isdigit()):
-        return True
+        return not all(len(part) <= 1 for part in token.split("."))  # "e.g" is no identifier
     if any(c.isupper() for c in token[1:]) and any(c.islower() for c in token):
         return True
     return any(c.isdigit() for c in token) and any(c.isalpha() for c in token)
 
 
-def _numbers(text: str, words: list[str]) -> frozenset[str]:
-    body = _LIST_MARKER.sub(" ", text)
+def _numbers(text: str, words: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """(numbers written with digits or as plural counts, numbers only spelled out)."""
+    body = _INLINE_MARKER.sub(" ", _LIST_MARKER.sub(" ", text))
     found = {n.replace(",", "").rstrip(".") for n in _NUMBER.findall(body)}
-    found.update(_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS)
-    return frozenset(found)
+    spelled = {_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS} - found
+    return frozenset(found), frozenset(spelled)
 
 
 def _starts_sentence(text: str, position: int) -> bool:
-    before = text[max(0, position - 12) : position].rstrip(_OPENERS)
+    window = text[max(0, position - 12) : position]
+    before = "".join(c for c in window if c.isascii() or c.isalnum()).rstrip(_OPENERS)
     if position > 12 and not before:
         return False  # only openers in the window: assume mid-sentence
     return not before or before[-1] in ".!?:;\n"
@@ -184,10 +247,10 @@ def _entities(text: str) -> frozenset[str]:
     for match in _WORD.finditer(text):
         token = match.group()
         proper_noun = token[0].isupper() and not _starts_sentence(text, match.start())
-        if proper_noun or _is_identifier(token):
+        if (proper_noun or _is_identifier(token)) and not _VERSION.fullmatch(token):
             out.add(_norm_word(token))
     out.discard("")
-    return frozenset(out)
+    return frozenset(out - _ABBREVIATIONS)
 
 
 _CAMEL_PART = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
@@ -206,37 +269,113 @@ def _split_camel(text: str) -> list[str]:
 def text_features(text: str) -> TextFeatures:
     """Extract (and memoise) the lexical features of ``text``."""
     stripped = _ANSWER_PARTICLE.sub("", text.replace(_APOSTROPHE, "'"), count=1)
-    raw_words = [w.lower() for w in _WORD.findall(stripped)]
+    tokens = _WORD.findall(stripped)
+    raw_words = [w.lower() for w in tokens]
     words = frozenset(_norm_word(w) for w in raw_words) - {""}
+    # "datasets.Metric" also mentions "Metric"; "IterableDataset" mentions "iterable", "dataset".
+    words |= {w.rsplit(".", 1)[1] for w in words if "." in w.strip(".")} - {""}
     quoted = tuple(
-        " ".join(next(g for g in m.groups() if g).lower().split())
+        q
         for m in _QUOTED.finditer(stripped)
+        # Nested or unbalanced quotes pair up the text *between* two quoted strings, which
+        # starts or ends with a space; a real quoted string does not.
+        if (q := next(g for g in m.groups() if g)) == q.strip()
     )
+    numbers, number_words = _numbers(stripped, raw_words)
+    spelled = _spelled(tokens)
     return TextFeatures(
         words=words,
         content=frozenset(w for w in words if w not in _STOPWORDS and not _is_negation(w)),
-        numbers=_numbers(stripped, raw_words),
-        negated=any(_is_negation(w) for w in raw_words),
+        numbers=numbers,
+        number_words=number_words,
+        negated=_negated(raw_words),
+        negative_cue=any(w in _NEGATIVE_CUES for w in raw_words),
         entities=_entities(stripped),
-        quoted=quoted,
+        quoted=tuple(" ".join(q.lower().split()) for q in quoted),
         lowered=" ".join(stripped.lower().split()),
-        acronyms=frozenset(_initials(_split_camel(stripped))),
+        acronyms=frozenset(initials for initials, _ in spelled),
+        spelled=spelled,
+        compounds=_compounds(tokens),
         trigrams=_trigrams(" ".join(raw_words)),
     )
 
 
-def _initials(words: list[str]) -> set[str]:
-    """Acronyms a text spells out: initials of every 2..5-word run ("machine learning" -> "ml")."""
-    heads = [w[0] for w in words if w]
-    return {"".join(heads[i : i + n]) for n in range(2, 6) for i in range(len(heads) - n + 1)}
+def _spelled(tokens: list[str]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """Acronyms a text spells out, with the words spelling them.
+
+    Initials of every 2..5-word run, CamelCase split ("machine learning" -> "ml",
+    "JavaScript" -> "js"), each with the normalised words of the run.
+    """
+    parts = [(part, _norm_word(token)) for token in tokens for part in _split_camel(token)]
+    runs: dict[str, set[str]] = {}
+    for n in range(2, 6):
+        for i in range(len(parts) - n + 1):
+            run = parts[i : i + n]
+            runs.setdefault("".join(p[0] for p, _ in run), set()).update(w for _, w in run)
+    return tuple((initials, frozenset(ws)) for initials, ws in runs.items())
+
+
+def _compounds(tokens: list[str]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """Entities made of words the other text may use separately, with those words.
+
+    "IterableDataset" (iterable, dataset), "datasets.Metric" (dataset, metric).
+    """
+    out = []
+    for token in tokens:
+        last = token.rsplit(".", 1)[-1]
+        parts = [_norm_word(p) for p in _split_camel(last)]
+        if len(parts) > 1 and all(len(p) > 1 for p in parts):
+            out.append((_norm_word(last), frozenset(parts)))
+        dotted = [_norm_word(p) for p in token.split(".")]
+        if len(dotted) > 1 and all(len(p) > 1 for p in dotted):
+            out.append((_norm_word(token), frozenset(dotted)))
+    return tuple(out)
+
+
+def _same_stem(a: str, b: str) -> bool:
+    """ "python" / "pythonic", "installatio" / "installation": one a short extension of the other."""
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    return len(short) >= 5 and len(long) - len(short) <= 3 and long.startswith(short)
 
 
 def _missing_entities(a: TextFeatures, b: TextFeatures) -> set[str]:
-    """Entities of ``a`` that ``b`` neither contains nor spells out as an acronym."""
+    """Entities of ``a`` that ``b`` does not mention.
+
+    Tolerated: an acronym that the other text spells out ("ML" / "machine learning", "JS" /
+    "JavaScript", either way round) and a short extension of the same stem ("Python" /
+    "Pythonic").
+    """
     missing = set(a.entities - b.words)
     if missing:
         missing -= b.acronyms
+    if missing:
+        for initials, run in a.spelled:
+            if initials in b.words:
+                missing -= run
+    if missing:
+        missing = {e for e in missing if not any(_same_stem(e, w) for w in b.words)}
+    if missing:
+        missing -= {e for e, parts in a.compounds if parts <= b.words}
     return missing
+
+
+def _numbers_differ(q: TextFeatures, c: TextFeatures) -> bool:
+    """Different numbers, unless one text only adds spelled-out counts ("two methods")."""
+    qn, cn = q.numbers | q.number_words, c.numbers | c.number_words
+    if qn == cn:
+        return False
+    if qn <= cn:
+        return not (cn - qn) <= c.number_words
+    if cn <= qn:
+        return not (qn - cn) <= q.number_words
+    return True
+
+
+def _polarity_differs(q: TextFeatures, c: TextFeatures) -> bool:
+    if q.negated == c.negated:
+        return False
+    positive = c if q.negated else q
+    return not positive.negative_cue
 
 
 def _quotes_found(quoted: tuple[str, ...], other: TextFeatures) -> bool:
@@ -311,9 +450,9 @@ class Verifier:
 
     def _facts_reason(self, q: TextFeatures, c: TextFeatures) -> str | None:
         s = self.settings
-        if s.check_numbers and q.numbers != c.numbers:
+        if s.check_numbers and _numbers_differ(q, c):
             return NUMBERS
-        if s.check_negation and q.negated != c.negated:
+        if s.check_negation and _polarity_differs(q, c):
             return NEGATION
         if s.check_entities and (_missing_entities(q, c) or _missing_entities(c, q)):
             return ENTITIES

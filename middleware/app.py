@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import time
@@ -17,9 +18,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import Headers, State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import BackendError
@@ -31,6 +34,7 @@ from leangate.cache.store import open_store
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.context import RequestContext, Result, StreamResult
 from leangate.middleware.errors import (
+    InvalidRequest,
     PayloadTooLarge,
     ProxyError,
     describe_validation_error,
@@ -57,7 +61,36 @@ class PurgeRequest(BaseModel):
     namespace: str | None = None
 
 
-def create_app(settings: Settings | None = None, *, transport: Transport | None = None) -> FastAPI:
+COMPLETION_PATHS: dict[str, Route] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+}
+
+
+class LeanGateApp:
+    """The ASGI entry point.
+
+    ``POST`` to the completion routes goes straight to the gateway: on the hot path,
+    FastAPI's routing, request object and middleware stack would cost more CPU than the
+    rest of the proxy. Everything else, the lifespan included, is the FastAPI app's.
+    """
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = COMPLETION_PATHS.get(scope["path"])
+            if route is not None:
+                response = await _complete(self.api.state, scope, receive, route)
+                await response(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None, *, transport: Transport | None = None
+) -> LeanGateApp:
     """Build the app; heavy resources are opened in its lifespan, not here."""
     settings = settings or Settings()
     policy = load_policy(settings.policy)
@@ -76,6 +109,8 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         app.state.gateway = gateway
         app.state.settings = settings
         watch = _watch_policy(settings, gateway)
+        gc.collect()
+        gc.freeze()  # start-up objects live forever; keep the collector from rescanning them
         try:
             yield
         finally:
@@ -87,14 +122,12 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
             await backend.aclose()
 
     app = FastAPI(title="leangate", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.add_route("/v1/chat/completions", _chat, methods=["POST"])
-    app.add_route("/v1/completions", _completions, methods=["POST"])
     app.add_route("/v1/models", _models, methods=["GET"])
     app.add_route("/health", _health, methods=["GET"])
     app.add_route("/metrics", _metrics, methods=["GET"])
     app.add_route("/admin/cache/purge", _purge, methods=["POST"])
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    return app
+    return LeanGateApp(app)
 
 
 def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | None:
@@ -118,28 +151,21 @@ def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | 
 # --- completion routes -----------------------------------------------------------------------
 
 
-async def _chat(request: Request) -> Response:
-    return await _complete(request, "chat")
-
-
-async def _completions(request: Request) -> Response:
-    return await _complete(request, "completions")
-
-
-async def _complete(request: Request, route: Route) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    metrics = gateway.services.metrics
+async def _complete(state: State, scope: Scope, receive: Receive, route: Route) -> Response:
+    gateway: Gateway = state.gateway
     started = time.perf_counter()
+    headers = Headers(scope=scope)
     try:
-        body = await _read_body(request, request.app.state.settings.max_body_bytes)
-        result, ctx = await gateway.run(route, body, request.headers)
-        response = _render(result, ctx, metrics, route)
+        body = await _read_body(receive, headers, state.settings.max_body_bytes)
+        result, ctx = await gateway.run(route, body, headers)
+        response = _render(result, ctx, gateway.services.metrics, route)
     except Exception as exc:
         if _is_unexpected(exc):
             log.exception("unexpected error on %s", route)
         response = error_response(exc)
-    metrics.requests.labels(route, str(response.status_code)).inc()
-    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    gateway.services.metrics.request_done(
+        route, response.status_code, time.perf_counter() - started
+    )
     return response
 
 
@@ -147,20 +173,23 @@ def _is_unexpected(exc: Exception) -> bool:
     return not isinstance(exc, BackendError | ProxyError)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-    if declared is not None:
-        return await request.body()
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("the client disconnected before sending its request")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _render(result: Result, ctx: RequestContext, metrics: Metrics, route: Route) -> Response:

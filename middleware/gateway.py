@@ -6,6 +6,7 @@ The ASGI app (``app.py``) and the in-process SDK both drive this class.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
 from leangate.middleware.registry import STAGES
 from leangate.middleware.services import Services
 
+NO_OPTIONS = RequestOptions()
 STAGES_HEADER = "x-leangate-stages"
 DISABLE_HEADER = "x-leangate-disable"
 
@@ -82,7 +84,7 @@ class Gateway:
             ctx.body_bytes(),
             model=ctx.model,
             stream=ctx.stream,
-            affinity_key=ctx.affinity_key(self.backend.settings.affinity_prefix_chars),
+            affinity_key=partial(ctx.affinity_key, self.backend.settings.affinity_prefix_chars),
         )
         if not ctx.stream:
             return JsonResult(await response.read())
@@ -117,23 +119,23 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
 
 def _options(field: object, headers: Mapping[str, str]) -> RequestOptions:
     """Merge the ``leangate`` body field and the ``x-leangate-*`` headers."""
+    only = headers.get(STAGES_HEADER)
+    disable = headers.get(DISABLE_HEADER)
+    if field is None and only is None and not disable:
+        return NO_OPTIONS
     try:
         options = RequestOptions.model_validate(field or {})
     except ValidationError as exc:
         raise InvalidRequest("leangate." + describe_validation_error(exc)) from None
-    only = headers.get(STAGES_HEADER)
+    stages = options.stages
     if only is not None:
         names = [] if only.strip() == "none" else _split(only)
-        options.stages = (
-            names if options.stages is None else [n for n in options.stages if n in names]
-        )
-    disable = headers.get(DISABLE_HEADER)
-    if disable:
-        options.disable = [*options.disable, *_split(disable)]
-    unknown = [n for n in (options.stages or []) + options.disable if n not in STAGES]
+        stages = names if stages is None else [n for n in stages if n in names]
+    turned_off = [*options.disable, *_split(disable or "")]
+    unknown = [n for n in (stages or []) + turned_off if n not in STAGES]
     if unknown:
         raise InvalidRequest(f"leangate: unknown stage(s) {unknown}", code="unknown_stage")
-    return options
+    return options.model_copy(update={"stages": stages, "disable": turned_off})
 
 
 def _split(value: str) -> list[str]:

@@ -10,6 +10,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._replica_children: dict[str, Counter] = {}
         r = self.registry
         self.requests = Counter(
             "leangate_requests", "Requests answered", ["route", "status"], registry=r
@@ -62,8 +64,24 @@ class Metrics:
     def stage_failed_open(self, stage: str, reason: str) -> None:
         self.failed_open.labels(stage, reason).inc()
 
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """Count an answered request; label children are cached (the hot path)."""
+        key = (route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, str(status)),
+                self.request_seconds.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def backend_request_sent(self, replica: str) -> None:
-        self.backend_requests.labels(replica).inc()
+        child = self._replica_children.get(replica)
+        if child is None:
+            child = self._replica_children[replica] = self.backend_requests.labels(replica)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

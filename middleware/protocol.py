@@ -69,7 +69,7 @@ class RequestOptions(BaseModel):
     this request cannot be switched on from here.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     stages: list[str] | None = None
     """Run only these of the policy's stages (``[]`` runs none)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -24,7 +26,9 @@ def _client(handler: httpx.MockTransport, *urls: str) -> BackendClient:
     return BackendClient(settings, HttpxTransport(handler))
 
 
-def _serving(down: set[str], calls: list[str], error: type[Exception] = httpx.ConnectError):
+def _serving(
+    down: set[str], calls: list[str], error: type[Exception] = httpx.ConnectError
+) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
         host = request.url.host
         if request.url.path == "/v1/models":
@@ -105,12 +109,16 @@ async def test_unhealthy_replica_is_marked_and_recovers() -> None:
 
 def test_affinity_keeps_a_prefix_on_one_replica_until_it_is_loaded() -> None:
     replicas = [Replica(f"http://r{i}", healthy=True, models=frozenset({"m"})) for i in range(4)]
-    first = choose(replicas, b"You are a helpful assistant.")
-    assert all(choose(replicas, b"You are a helpful assistant.") is first for _ in range(5))
-    spread = {choose(replicas, f"prompt {i}".encode()).url for i in range(40)}
+
+    def key(text: str) -> Callable[[], bytes]:
+        return lambda: text.encode()
+
+    first = choose(replicas, key("You are a helpful assistant."))
+    assert all(choose(replicas, key("You are a helpful assistant.")) is first for _ in range(5))
+    spread = {choose(replicas, key(f"prompt {i}")).url for i in range(40)}
     assert len(spread) > 1
     first.outstanding = 10
-    assert choose(replicas, b"You are a helpful assistant.") is not first
+    assert choose(replicas, key("You are a helpful assistant.")) is not first
     assert choose(replicas, None).outstanding == 0
 
 

@@ -9,10 +9,11 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL, ProxyThread
+from openai.types.chat import ChatCompletionMessageParam
 
 pytestmark = pytest.mark.integration
 
-PROMPT = [{"role": "user", "content": "Name three colors."}]
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colors."}]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_chat_non_streaming(client: openai.OpenAI) -> None:
         model=MODEL,
         messages=PROMPT,
         max_tokens=12,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert answer.choices[0].message.content
     assert answer.usage is not None and answer.usage.completion_tokens <= 12
@@ -50,12 +51,12 @@ def test_stream_matches_non_stream_and_reports_usage(client: openai.OpenAI) -> N
         model=MODEL,
         messages=PROMPT,
         max_tokens=16,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     chunks = list(
         client.chat.completions.create(
             model=MODEL,
-            messages=PROMPT,  # type: ignore[arg-type]
+            messages=PROMPT,
             max_tokens=16,
             temperature=0,
             stream=True,
@@ -127,7 +128,7 @@ def test_json_schema_and_vllm_extras_pass_through(client: openai.OpenAI) -> None
 def test_logprobs(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(
         model=MODEL,
-        messages=PROMPT,  # type: ignore[arg-type]
+        messages=PROMPT,
         max_tokens=4,
         temperature=0,
         logprobs=True,
@@ -139,7 +140,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
 
 def test_error_shapes(proxy: ProxyThread, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="no-such-model", messages=PROMPT)  # type: ignore[arg-type]
+        client.chat.completions.create(model="no-such-model", messages=PROMPT)
     bad = httpx.post(proxy.url + "/v1/chat/completions", content=b"{not json")
     assert bad.status_code == 400
     assert set(bad.json()["error"]) == {"message", "type", "code"}
@@ -156,7 +157,7 @@ def test_error_shapes(proxy: ProxyThread, client: openai.OpenAI) -> None:
 def test_leangate_field_is_stripped(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(
         model=MODEL,
-        messages=PROMPT,  # type: ignore[arg-type]
+        messages=PROMPT,
         max_tokens=4,
         temperature=0,
         extra_body={"leangate": {"disable": ["cache"]}},
