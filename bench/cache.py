@@ -1,0 +1,357 @@
+"""``leangate bench cache``: hit quality, hit latency, miss overhead and single-flight.
+
+Four parts, each against a baseline measured in the same run:
+
+1. *quality* (offline, no proxy): every ``origin`` of GPTCache's ``mock_data.json`` is
+   cached and every ``similar`` looked up with the same embedder, index and verifier the
+   proxy uses; 1,000 unrelated questions must all miss. Reported on the held-out half (the
+   verifier was tuned on the other half) and on the whole file.
+2. *hits* (real vLLM, Redis): exact and semantic hits through the proxy, interleaved with
+   the same requests sent directly to vLLM; p50s and the speed-up over direct.
+3. *misses* (minimal responder, Redis): a proxy with the cache (exact, then exact plus
+   semantic) against the same proxy with no stage, every request unique, interleaved; the
+   added p50 is the cost of a miss.
+4. *single-flight* (real vLLM): 50 identical concurrent requests; the backend calls counted
+   from the proxy's ``/metrics``. Tenant isolation is checked on the way.
+
+Needs ``../shared/data`` (GPTCache's mock data and the unrelated question sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+from .common import (
+    BenchError,
+    RawHTTPClient,
+    SpawnedService,
+    add_common_arguments,
+    backend_urls,
+    log,
+    machine_info,
+    median,
+    percentile,
+    ratio,
+    resolve_rounds,
+    rounded,
+    spawn_proxy,
+    spawn_responder,
+)
+
+MODEL = "SmolLM2-135M-Instruct"
+RESPONDER_MODEL = "bench-model"
+CHAT = "/v1/chat/completions"
+CACHE_POLICY = """
+rules:
+  - name: bench
+    stages:
+      - use: cache
+        budget_ms: 2000
+        settings: {namespace: "%s", semantic: %s}
+"""
+NO_STAGE_POLICY = "rules: [{name: bench, stages: []}]\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
+    parser.add_argument("--parts", default="quality,hits,misses,singleflight")
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    from leangate.cache.semantic_eval import default_data_dir
+
+    parts = set(args.parts.split(","))
+    data_dir = args.data_dir or default_data_dir()
+    if not args.redis_url:
+        raise BenchError("this benchmark needs Redis: pass --redis-url or set REDIS_URL")
+    rounds = resolve_rounds(args, quick=3, full=7)
+    result: dict[str, object] = {"benchmark": "cache", "quick": bool(args.quick)}
+    started = time.perf_counter()
+    if "quality" in parts:
+        result.update(_quality(data_dir, quick=args.quick))
+    with TemporaryPolicies() as policies:
+        if parts & {"hits", "singleflight"}:
+            with backend_urls(args) as urls:
+                if "hits" in parts:
+                    result.update(_hits(urls[0], args.redis_url, policies, data_dir, rounds))
+                if "singleflight" in parts:
+                    result.update(_singleflight(urls[0], args.redis_url, policies))
+        if "misses" in parts:
+            result.update(_misses(args.redis_url, policies, rounds, quick=args.quick))
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine_info()
+    return result
+
+
+class TemporaryPolicies(ExitStack):
+    """Policy files written for one run, each with a namespace no earlier run used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(self.enter_context(tempfile.TemporaryDirectory()))
+
+    def cache(self, *, semantic: bool) -> Path:
+        path = self.dir / f"cache-{uuid.uuid4().hex[:8]}.yaml"
+        path.write_text(CACHE_POLICY % (f"bench-{uuid.uuid4().hex}", str(semantic).lower()))
+        return path
+
+    def no_stage(self) -> Path:
+        path = self.dir / "none.yaml"
+        path.write_text(NO_STAGE_POLICY)
+        return path
+
+
+# --- 1. quality ------------------------------------------------------------------------------
+
+
+def _quality(data_dir: Path, *, quick: bool) -> dict[str, object]:
+    from leangate.cache.embedder import Embedder
+    from leangate.cache.semantic_eval import (
+        evaluate,
+        load_gptcache_pairs,
+        load_unrelated_questions,
+    )
+    from leangate.cache.verify import Verifier
+
+    pairs = load_gptcache_pairs(data_dir / "gptcache" / "mock_data.json")
+    unrelated = load_unrelated_questions(data_dir, n=300 if quick else 1000)
+    log(f"quality: {len(pairs)} pairs, {len(unrelated)} unrelated questions")
+    embedder = Embedder()
+    embedder.load()
+    report = evaluate(embedder, Verifier(), pairs, unrelated, holdout=None)
+    held, whole = report.splits["holdout"], report.splits["all"]
+    log(report.summary())
+    return {
+        "semantic_precision": rounded(held.precision),
+        "semantic_recall": rounded(held.recall),
+        "unrelated_false_hits": whole.unrelated_false_hits,
+        "unrelated_questions": whole.n_unrelated,
+        "semantic_precision_all": rounded(whole.precision),
+        "semantic_recall_all": rounded(whole.recall),
+        "verify_p50_us": rounded(held.p50_verify_us, 1),
+    }
+
+
+# --- 2. hits ---------------------------------------------------------------------------------
+
+
+def _body(question: str, model: str = MODEL, max_tokens: int = 16) -> bytes:
+    return json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+    ).encode()
+
+
+def _cache_status(proxy: SpawnedService, body: bytes, key: str | None = None) -> str:
+    """The ``x-leangate-cache`` header of one request; without a key the tenant is the
+    anonymous one, as for the timed requests."""
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    response = httpx.post(proxy.url + CHAT, content=body, headers=headers, timeout=120)
+    if response.status_code != 200:
+        raise BenchError(f"proxy answered {response.status_code}: {response.text[:200]}")
+    return str(response.headers.get("x-leangate-cache", ""))
+
+
+def _timed(client: RawHTTPClient, requests: Sequence[bytes]) -> list[float]:
+    times = []
+    for request in requests:
+        start = time.perf_counter()
+        response = client.send(request)
+        if response.status != 200:
+            raise BenchError(f"HTTP {response.status}: {response.body[:200]!r}")
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _hit_pairs(data_dir: Path, count: int) -> list[tuple[str, str]]:
+    from leangate.cache.semantic_eval import load_gptcache_pairs, split_of
+
+    pairs = load_gptcache_pairs(data_dir / "gptcache" / "mock_data.json")
+    held = [(p.origin, p.similar) for p in pairs if split_of(p.origin) == "holdout"]
+    return held[:count]
+
+
+def _hits(
+    backend: str, redis_url: str, policies: TemporaryPolicies, data_dir: Path, rounds: int
+) -> dict[str, object]:
+    with spawn_proxy([backend], policy=policies.cache(semantic=True), redis_url=redis_url) as proxy:
+        origin = _body("In one sentence, what is a cache?")
+        _cache_status(proxy, origin)
+        if _cache_status(proxy, origin) != "hit-exact":
+            raise BenchError("the repeated request was not an exact hit")
+        similar = _semantic_hits(proxy, data_dir)
+        log(f"hits: {len(similar)} paraphrases hit semantically")
+        raw = RawHTTPClient(proxy.url)
+        direct = RawHTTPClient(backend)
+        exact_requests = [raw.build_request("POST", CHAT, origin)] * 50
+        semantic_requests = [raw.build_request("POST", CHAT, _body(q)) for q in similar]
+        direct_requests = [direct.build_request("POST", CHAT, origin)] * 3
+        samples: dict[str, list[float]] = {"direct": [], "exact": [], "semantic": []}
+        round_p50: dict[str, list[float]] = {"direct": [], "exact": [], "semantic": []}
+        for index in range(-1, rounds):
+            for arm, client, requests in (
+                ("direct", direct, direct_requests),
+                ("exact", raw, exact_requests),
+                ("semantic", raw, semantic_requests),
+            ):
+                times = _timed(client, requests) if requests else []
+                if index >= 0 and times:
+                    samples[arm] += times
+                    round_p50[arm].append(median(times))
+            log(f"hits round {index}: {_p50s_ms(round_p50)}")
+        raw.close()
+        direct.close()
+        semantic_now = {_cache_status(proxy, _body(q)) for q in similar}
+        if semantic_now - {"hit-semantic"} or _cache_status(proxy, origin) != "hit-exact":
+            raise BenchError(f"the timed requests were not the hits they should be: {semantic_now}")
+    direct_p50 = median(round_p50["direct"])
+    exact_p50 = median(round_p50["exact"])
+    semantic_p50 = median(round_p50["semantic"])
+    return {
+        "direct_vllm_p50_ms": rounded(direct_p50 * 1e3, 2),
+        "exact_hit_p50_ms": rounded(exact_p50 * 1e3, 3),
+        "exact_hit_p99_ms": rounded(percentile(samples["exact"], 99) * 1e3, 3),
+        "semantic_hit_p50_ms": rounded(semantic_p50 * 1e3, 3),
+        "semantic_hit_p99_ms": rounded(percentile(samples["semantic"], 99) * 1e3, 3),
+        "exact_hit_speedup_vs_direct": rounded(ratio(direct_p50, exact_p50), 1),
+        "semantic_hit_speedup_vs_direct": rounded(ratio(direct_p50, semantic_p50), 1),
+        "semantic_hit_queries": len(similar),
+    }
+
+
+def _semantic_hits(proxy: SpawnedService, data_dir: Path) -> list[str]:
+    """Cache some held-out origins, and keep the paraphrases that then hit."""
+    pairs = _hit_pairs(data_dir, 12)
+    for origin, _ in pairs:
+        _cache_status(proxy, _body(origin))
+    time.sleep(0.5)
+    return [
+        similar for _, similar in pairs if _cache_status(proxy, _body(similar)) == "hit-semantic"
+    ]
+
+
+# --- 3. misses -------------------------------------------------------------------------------
+
+
+def _unique_requests(client: RawHTTPClient, count: int) -> Iterator[bytes]:
+    for _ in range(count):
+        question = f"Question {uuid.uuid4().hex}: how do caches work?"
+        yield client.build_request("POST", CHAT, _body(question, RESPONDER_MODEL, 8))
+
+
+def _misses(
+    redis_url: str, policies: TemporaryPolicies, rounds: int, *, quick: bool
+) -> dict[str, object]:
+    count = 150 if quick else 400
+    with ExitStack() as stack:
+        responder = stack.enter_context(spawn_responder(model=RESPONDER_MODEL))
+        arms = {
+            "none": stack.enter_context(spawn_proxy([responder.url], policy=policies.no_stage())),
+            "exact": stack.enter_context(
+                spawn_proxy(
+                    [responder.url], policy=policies.cache(semantic=False), redis_url=redis_url
+                )
+            ),
+            "semantic": stack.enter_context(
+                spawn_proxy(
+                    [responder.url],
+                    policy=policies.cache(semantic=True),
+                    redis_url=redis_url,
+                    startup_timeout_s=120,
+                )
+            ),
+        }
+        clients = {
+            name: stack.enter_context(RawHTTPClient(proxy.url)) for name, proxy in arms.items()
+        }
+        p50s: dict[str, list[float]] = {name: [] for name in arms}
+        for index in range(-1, rounds):
+            for name, client in clients.items():
+                times = _timed(client, list(_unique_requests(client, count)))
+                if index >= 0:
+                    p50s[name].append(median(times))
+            log(f"misses round {index}: {_p50s_ms(p50s)}")
+    return {
+        "no_cache_p50_ms": rounded(median(p50s["none"]) * 1e3, 3),
+        "miss_overhead_p50_ms": rounded(_paired_added(p50s["exact"], p50s["none"]) * 1e3, 3),
+        "miss_overhead_semantic_p50_ms": rounded(
+            _paired_added(p50s["semantic"], p50s["none"]) * 1e3, 3
+        ),
+    }
+
+
+def _paired_added(arm: list[float], baseline: list[float]) -> float:
+    """Median over rounds of the arm's p50 minus the baseline's p50 in the same round."""
+    return median([a - b for a, b in zip(arm, baseline, strict=True)])
+
+
+def _p50s_ms(p50s: dict[str, list[float]]) -> str:
+    return ", ".join(f"{arm} {median(v) * 1e3:.2f} ms" for arm, v in p50s.items() if v)
+
+
+# --- 4. single-flight and tenants --------------------------------------------------------------
+
+
+def _singleflight(backend: str, redis_url: str, policies: TemporaryPolicies) -> dict[str, object]:
+    with spawn_proxy(
+        [backend], policy=policies.cache(semantic=False), redis_url=redis_url
+    ) as proxy:
+        body = json.loads(
+            _body(f"Explain rain to a child ({uuid.uuid4().hex[:6]}).", max_tokens=32)
+        )
+        body["ignore_eos"] = True
+        before = _backend_requests(proxy)
+        statuses = asyncio.run(_burst(proxy.url, body, 50))
+        calls = _backend_requests(proxy) - before
+        leaks = sum(_leaks_to_another_tenant(proxy, f"Tenant probe {i}.") for i in range(5))
+    log(
+        f"single-flight: 50 identical requests, {calls:.0f} backend call(s), "
+        f"statuses {set(statuses)}"
+    )
+    return {
+        "singleflight_requests": len(statuses),
+        "singleflight_backend_calls": int(calls),
+        "singleflight_errors": sum(s != 200 for s in statuses),
+        "tenant_leaks": leaks,
+    }
+
+
+def _leaks_to_another_tenant(proxy: SpawnedService, question: str) -> bool:
+    body = _body(question)
+    _cache_status(proxy, body, "tenant-a")
+    if _cache_status(proxy, body, "tenant-a") != "hit-exact":
+        raise BenchError("tenant probe: the repeated request was not an exact hit")
+    return _cache_status(proxy, body, "tenant-b") != "miss"
+
+
+async def _burst(url: str, body: dict[str, object], count: int) -> list[int]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        calls = [client.post(url + CHAT, json=body) for _ in range(count)]
+        return [r.status_code for r in await asyncio.gather(*calls)]
+
+
+def _backend_requests(proxy: SpawnedService) -> float:
+    text = httpx.get(proxy.url + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("leangate_backend_requests_total")
+    )
