@@ -40,6 +40,7 @@ from .common import (
     log,
     machine_info,
     median,
+    metric_total,
     percentile,
     ratio,
     resolve_rounds,
@@ -349,9 +350,4 @@ async def _burst(url: str, body: dict[str, object], count: int) -> list[int]:
 
 
 def _backend_requests(proxy: SpawnedService) -> float:
-    text = httpx.get(proxy.url + "/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("leangate_backend_requests_total")
-    )
+    return metric_total(proxy.url, "leangate_backend_requests_total")

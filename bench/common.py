@@ -721,3 +721,15 @@ def sequential_round(
         if gc_was_enabled:
             gc.enable()
     return sample
+
+
+def metric_total(base_url: str, name: str) -> float:
+    """Sum of every sample of metric ``name`` on a Prometheus ``/metrics`` page."""
+    import httpx
+
+    text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {"
+    )

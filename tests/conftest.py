@@ -20,6 +20,7 @@ import redis
 import uvicorn
 
 from leangate.backend.transport import Transport
+from leangate.bench.common import metric_total
 from leangate.middleware.app import create_app
 from leangate.settings import Settings
 
@@ -115,11 +116,4 @@ def proxy(vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 def backend_requests(proxy: ProxyThread) -> float:
     """How many requests the proxy has sent to its backend, from its /metrics."""
-    import httpx
-
-    text = httpx.get(proxy.url + "/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("leangate_backend_requests_total")
-    )
+    return metric_total(proxy.url, "leangate_backend_requests_total")

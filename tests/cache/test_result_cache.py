@@ -18,7 +18,7 @@ from conftest import MODEL, ProxyThread, backend_requests, proxy_settings, write
 
 pytestmark = pytest.mark.integration
 
-EXACT = """
+POLICY = """
 tenants:
   alpha: {api_keys: [sk-alpha]}
   beta: {api_keys: [sk-beta]}
@@ -26,20 +26,14 @@ rules:
   - name: cached
     stages:
       - use: cache
-        budget_ms: 300
-        settings: {namespace: "%s", ttl_s: 600}
+        budget_ms: %d
+        settings: {namespace: "%s", ttl_s: 600, semantic: %s}
 """
-SEMANTIC = """
-tenants:
-  alpha: {api_keys: [sk-alpha]}
-  beta: {api_keys: [sk-beta]}
-rules:
-  - name: cached
-    stages:
-      - use: cache
-        budget_ms: 2000
-        settings: {namespace: "%s", ttl_s: 600, semantic: true}
-"""
+
+
+def _policy(*, semantic: bool) -> str:
+    budget = 2000 if semantic else 300
+    return POLICY % (budget, _unique(), str(semantic).lower())
 
 
 def _unique() -> str:
@@ -77,7 +71,7 @@ def cached(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ProxyThread]:
     """The same cache on the real Redis and on the embedded in-process store."""
-    policy = write_policy(tmp_path_factory.mktemp("exact"), EXACT % _unique())
+    policy = write_policy(tmp_path_factory.mktemp("exact"), _policy(semantic=False))
     store_url = redis_url if request.param == "redis" else None
     settings = proxy_settings(vllm_url, policy=policy, redis_url=store_url, admin_api_key="admin")
     with ProxyThread(settings) as running:
@@ -190,6 +184,16 @@ def test_cache_control_and_ttl(cached: ProxyThread) -> None:
     assert _post(cached, short).headers["x-leangate-cache"] == "miss"
 
 
+def test_requests_can_narrow_the_policy(cached: ProxyThread) -> None:
+    body = _chat(f"Say cheese. Ref {_unique()}.")
+    _post(cached, body)
+    assert _post(cached, body).headers["x-leangate-cache"] == "hit-exact"
+    assert "x-leangate-cache" not in _post(cached, body, **{"x-leangate-stages": "none"}).headers
+    assert "x-leangate-cache" not in _post(cached, body, **{"x-leangate-disable": "cache"}).headers
+    narrowed = _chat(f"Say cheese. Ref {_unique()}.", leangate={"stages": []})
+    assert "x-leangate-cache" not in _post(cached, narrowed).headers
+
+
 def test_errors_are_not_stored(cached: ProxyThread) -> None:
     too_long = _chat("word " * 3000)
     for _ in range(2):
@@ -249,7 +253,7 @@ def test_admin_purge_by_tenant(cached: ProxyThread) -> None:
 def replicas(
     vllm_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ProxyThread, ProxyThread]]:
-    policy = write_policy(tmp_path_factory.mktemp("semantic"), SEMANTIC % _unique())
+    policy = write_policy(tmp_path_factory.mktemp("semantic"), _policy(semantic=True))
     settings = proxy_settings(vllm_url, policy=policy, redis_url=redis_url)
     with ProxyThread(settings) as first, ProxyThread(settings) as second:
         yield first, second
@@ -347,7 +351,7 @@ def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
 def test_redis_killed_mid_run_then_recovers(vllm_url: str, tmp_path: Path) -> None:
     port = _free_port()
     redis_process = _start_redis(port, tmp_path)
-    policy = write_policy(tmp_path, EXACT % _unique())
+    policy = write_policy(tmp_path, _policy(semantic=False))
     settings = proxy_settings(vllm_url, policy=policy, redis_url=f"redis://127.0.0.1:{port}/0")
     try:
         with ProxyThread(settings) as proxy:

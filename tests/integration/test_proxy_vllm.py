@@ -11,6 +11,8 @@ import pytest
 from conftest import MODEL, ProxyThread
 from openai.types.chat import ChatCompletionMessageParam
 
+from leangate.bench.common import metric_total
+
 pytestmark = pytest.mark.integration
 
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colors."}]
@@ -166,13 +168,7 @@ def test_leangate_field_is_stripped(client: openai.OpenAI) -> None:
 
 
 def _running_requests(vllm_url: str) -> float:
-    text = httpx.get(vllm_url + "/metrics").text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:num_requests_running")
-    ]
-    return sum(values)
+    return metric_total(vllm_url, "vllm:num_requests_running")
 
 
 def test_client_disconnect_cancels_backend_request(proxy: ProxyThread, vllm_url: str) -> None:
