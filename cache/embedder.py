@@ -200,7 +200,7 @@ class Embedder:
         ids = features["input_ids"].numpy()
         lengths = features["attention_mask"].numpy().sum(axis=1)
         states = output["token_embeddings"].float().numpy()
-        tokens = [
+        tokens: list[np.ndarray | None] = [
             _content_tokens(states[row, :n], ids[row, :n], self._content)
             for row, n in enumerate(lengths)
         ]

@@ -5,6 +5,10 @@ of them, built from the store at start-up and kept current by reading the store'
 log, so an entry one replica adds is searchable on the others within one poll (well under
 a second). An entry whose answer has expired is dropped from the index when a lookup finds
 it gone.
+
+Besides its sentence vector, an entry keeps the embeddings of its content tokens (float16,
+about 20 KB for a typical question), which the verifier aligns with the query's to choose
+between near-duplicate entries.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
 
-from leangate.cache.embedder import Embedder
+from leangate.cache.embedder import Embedder, Embedding
 from leangate.cache.keys import PREFIX, SEMANTIC_EVENTS, SEMANTIC_INDEX
 from leangate.cache.store import Store, StoreError
 from leangate.cache.vector_index import VectorIndex
@@ -28,6 +33,7 @@ from leangate.cache.verify import Verdict, Verifier
 log = logging.getLogger(__name__)
 
 SYNC_BLOCK_MS = 200
+SEARCH_K = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +42,39 @@ class Entry:
     text: str
     answer_key: str
 
-    def encode(self, vector: np.ndarray) -> bytes:
-        packed = base64.b64encode(vector.astype(np.float32).tobytes()).decode()
-        return orjson.dumps(
-            {"scope": self.scope, "text": self.text, "answer": self.answer_key, "vec": packed}
-        )
+    def encode(self, vector: np.ndarray | Embedding) -> bytes:
+        """JSON with the base64 float32 vector and, if known, the float16 token rows."""
+        embedding = vector if isinstance(vector, Embedding) else Embedding(vector)
+        data = {
+            "scope": self.scope,
+            "text": self.text,
+            "answer": self.answer_key,
+            "vec": _pack(embedding.vector, np.float32),
+        }
+        if embedding.tokens is not None:
+            data["tok"] = _pack(embedding.tokens, np.float16)
+        return orjson.dumps(data)
 
     @staticmethod
     def decode(raw: bytes) -> tuple[Entry, np.ndarray]:
+        entry, embedding = Entry.decode_embedding(raw)
+        return entry, embedding.vector
+
+    @staticmethod
+    def decode_embedding(raw: bytes) -> tuple[Entry, Embedding]:
+        """Like :meth:`decode`, with the token rows (None for entries stored without them)."""
         data = orjson.loads(raw)
         vector = np.frombuffer(base64.b64decode(data["vec"]), dtype=np.float32)
-        return Entry(data["scope"], data["text"], data["answer"]), vector
+        tokens = None
+        if data.get("tok"):
+            flat = np.frombuffer(base64.b64decode(data["tok"]), dtype=np.float16)
+            tokens = flat.reshape(-1, vector.shape[0])
+        entry = Entry(data["scope"], data["text"], data["answer"])
+        return entry, Embedding(vector, tokens)
+
+
+def _pack(array: np.ndarray, dtype: type[np.floating[Any]]) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +93,7 @@ class SemanticCache:
         self.max_entries = max_entries
         self.index = VectorIndex(embedder.dim)
         self._entries: dict[str, Entry] = {}
+        self._tokens: dict[str, np.ndarray | None] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self._last_event = "0-0"
 
@@ -106,40 +135,53 @@ class SemanticCache:
         raw = await self.store.get(key)
         if raw is None:
             return
-        entry, vector = Entry.decode(raw)
-        self._remember(key, entry, vector)
+        entry, embedding = Entry.decode_embedding(raw)
+        self._remember(key, entry, embedding)
 
-    def _remember(self, key: str, entry: Entry, vector: np.ndarray) -> None:
+    def _remember(self, key: str, entry: Entry, embedding: Embedding) -> None:
         self._entries[key] = entry
-        self.index.add(entry.scope, key, vector)
+        self._tokens[key] = embedding.tokens
+        self.index.add(entry.scope, key, embedding.vector)
 
     def _forget(self, key: str) -> None:
         self._entries.pop(key, None)
+        self._tokens.pop(key, None)
         self.index.remove(key)
 
     # --- requests --------------------------------------------------------------------------
 
-    async def embed(self, text: str) -> np.ndarray:
-        vectors = await self.embedder.aembed([text])
-        vector: np.ndarray = vectors[0]
-        return vector
+    async def embed(self, text: str) -> Embedding:
+        """The query's sentence vector and content-token embeddings (one forward pass)."""
+        embeddings = await self.embedder.aencode([text])
+        return embeddings[0]
 
     def nearest(
-        self, scope: str, text: str, vector: np.ndarray, verifier: Verifier
+        self, scope: str, text: str, vector: np.ndarray | Embedding, verifier: Verifier
     ) -> Match | None:
-        """The best neighbour in ``scope`` if the verifier accepts it."""
-        neighbors = [
-            n for n in self.index.search(scope, vector, k=4) if n.entry_id in self._entries
-        ]
-        if not neighbors:
+        """The neighbour in ``scope`` the verifier picks (accepted), else the nearest (rejected).
+
+        None when ``scope`` has no entries.
+        """
+        embedding = vector if isinstance(vector, Embedding) else Embedding(vector)
+        keys: list[str] = []
+        scores: dict[str, float] = {}
+        seen: set[str] = set()
+        for n in self.index.search(scope, embedding.vector, k=SEARCH_K):
+            entry = self._entries.get(n.entry_id)
+            if entry is not None and entry.text not in seen:  # equal texts: one answer
+                seen.add(entry.text)
+                keys.append(n.entry_id)
+                scores[n.entry_id] = n.score
+        if not keys:
             return None
-        best = neighbors[0]
-        entry = self._entries[best.entry_id]
-        runner_up = next(
-            (n.score for n in neighbors[1:] if self._entries[n.entry_id].text != entry.text), None
+        selection = verifier.select(
+            text,
+            [(self._entries[key].text, scores[key]) for key in keys],
+            query_tokens=embedding.tokens,
+            neighbor_tokens=[self._tokens.get(key) for key in keys],
         )
-        verdict = verifier.check(text, entry.text, best.score, runner_up)
-        return Match(best.entry_id, entry, verdict)
+        key = keys[0 if selection.index is None else selection.index]
+        return Match(key, self._entries[key], selection.verdict)
 
     async def drop(self, key: str) -> None:
         """Forget an entry whose answer is gone, here and on every replica."""
@@ -147,9 +189,12 @@ class SemanticCache:
         await self.store.delete(key)
         await self.store.publish(SEMANTIC_EVENTS, "del", key)
 
-    async def add(self, key: str, entry: Entry, vector: np.ndarray, ttl_s: float) -> None:
-        await self.store.set(key, entry.encode(vector), ttl_s)
-        self._remember(key, entry, vector)
+    async def add(
+        self, key: str, entry: Entry, vector: np.ndarray | Embedding, ttl_s: float
+    ) -> None:
+        embedding = vector if isinstance(vector, Embedding) else Embedding(vector)
+        await self.store.set(key, entry.encode(embedding), ttl_s)
+        self._remember(key, entry, embedding)
         await self.store.publish(SEMANTIC_EVENTS, "add", key)
         size = await self.store.index_add(SEMANTIC_INDEX, key, time.time())
         if size > self.max_entries:

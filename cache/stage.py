@@ -26,7 +26,7 @@ from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 
 if TYPE_CHECKING:
-    import numpy as np
+    from leangate.cache.embedder import Embedding
 
 CACHE_HEADER = "x-leangate-cache"
 SIMILARITY_HEADER = "x-leangate-cache-similarity"
@@ -68,7 +68,7 @@ class Lookup:
     key: str
     request_hash: str
     semantic: tuple[str, str] | None = None
-    vector: np.ndarray | None = None
+    vector: Embedding | None = None
 
 
 class CacheStage:

@@ -92,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         loop="uvloop",
         http="httptools",
+        proxy_headers=False,
+        server_header=False,
     )
     return 0
 

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from leangate.cache.embedder import EMBEDDING_DIM, Embedder, default_model_path
+from leangate.cache.embedder import EMBEDDING_DIM, MAX_TOKENS, Embedder, default_model_path
+from leangate.cache.semantic import Entry
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,51 @@ def test_single_query_latency(embedder: Embedder) -> None:
         times.append(time.perf_counter() - start)
     # Generous bound: the CPU is shared with a vLLM server; typical p50 is ~9 ms.
     assert float(np.median(times)) < 0.1
+
+
+def test_encode_matches_embed_and_keeps_content_tokens(embedder: Embedder) -> None:
+    texts = ["How do I install Python 3.11 on Ubuntu?", "the of and", "?"]
+    encoded = embedder.encode(texts)
+    np.testing.assert_allclose(
+        np.stack([e.vector for e in encoded]), embedder.embed(texts), atol=1e-5
+    )
+    for e in encoded:
+        assert e.tokens is not None
+        assert e.tokens.dtype == np.float16
+        assert e.tokens.shape[0] >= 1
+        assert e.tokens.shape[1] == EMBEDDING_DIM
+        np.testing.assert_allclose(np.linalg.norm(e.tokens.astype(np.float32), axis=1), 1, 1e-2)
+    # install, python, 3, 11, ubuntu: stopwords and punctuation are dropped
+    first = encoded[0].tokens
+    assert first is not None and 4 <= first.shape[0] <= 8
+    assert embedder.encode([]) == []
+    with pytest.raises(TypeError):
+        embedder.encode("not a list")
+
+
+def test_encode_caps_tokens(embedder: Embedder) -> None:
+    [long] = embedder.encode(["alpha beta gamma delta " * 60])
+    assert long.tokens is not None and long.tokens.shape[0] == MAX_TOKENS
+
+
+async def test_aencode_matches_encode(embedder: Embedder) -> None:
+    [a] = await embedder.aencode(["one question"])
+    [b] = embedder.encode(["one question"])
+    np.testing.assert_allclose(a.vector, b.vector, atol=1e-5)
+    assert a.tokens is not None and b.tokens is not None
+    np.testing.assert_allclose(a.tokens, b.tokens, atol=1e-2)
+
+
+def test_entry_round_trip_keeps_tokens(embedder: Embedder) -> None:
+    [embedding] = embedder.encode(["How do I bake bread?"])
+    entry = Entry("scope", "How do I bake bread?", "answer-key")
+    decoded, again = Entry.decode_embedding(entry.encode(embedding))
+    assert decoded == entry
+    np.testing.assert_array_equal(again.vector, embedding.vector)
+    assert again.tokens is not None and embedding.tokens is not None
+    np.testing.assert_array_equal(again.tokens, embedding.tokens)
+    # Entries stored without token rows (plain vector) still decode.
+    old, vector = Entry.decode(entry.encode(embedding.vector))
+    assert old == entry
+    np.testing.assert_array_equal(vector, embedding.vector)
+    assert Entry.decode_embedding(entry.encode(embedding.vector))[1].tokens is None
