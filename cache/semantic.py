@@ -87,7 +87,7 @@ class Match:
 class SemanticCache:
     """Embeds questions, finds and verifies neighbours, and stores new entries."""
 
-    def __init__(self, store: Store, embedder: Embedder, *, max_entries: int = 100_000) -> None:
+    def __init__(self, store: Store, embedder: Embedder, *, max_entries: int = 20_000) -> None:
         self.store = store
         self.embedder = embedder
         self.max_entries = max_entries
@@ -101,11 +101,18 @@ class SemanticCache:
 
     async def start(self) -> None:
         """Load the model, index every stored entry, then follow the event log."""
-        await asyncio.to_thread(self.embedder.load)
+        await asyncio.to_thread(self._load_and_warm_up)
         self._last_event = await self.store.last_event_id(SEMANTIC_EVENTS)
         async for key in self.store.scan(f"{PREFIX}:*:*:sem:*"):
             await self._load(key)
         self._sync_task = asyncio.create_task(self._follow(), name="semantic-sync")
+
+    def _load_and_warm_up(self) -> None:
+        """Load the model and run it once per input length: the first pass at each new
+        length builds kernels, which would otherwise land on the first requests."""
+        self.embedder.load()
+        for words in range(1, 48, 3):
+            self.embedder.encode([" ".join(["warm"] * words)])
 
     async def close(self) -> None:
         if self._sync_task is not None:
