@@ -9,10 +9,9 @@ short, and ``n > 1`` (unless allowed) are never stored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +20,13 @@ from leangate.cache.keys import answer_key, exact_hash, semantic_key, semantic_p
 from leangate.cache.replay import assemble, is_complete, to_events
 from leangate.cache.services import CacheServices
 from leangate.cache.verify import Verifier, VerifierSettings
-from leangate.middleware.context import JsonResult, RequestContext, Result, StreamResult
+from leangate.middleware.context import (
+    JsonResult,
+    RequestContext,
+    Result,
+    StreamResult,
+    aclose_quietly,
+)
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 
@@ -196,22 +201,32 @@ class CacheStage:
         return result
 
     async def _tee(
-        self, ctx: RequestContext, events: AsyncIterator[bytes], done: Any
+        self,
+        ctx: RequestContext,
+        events: AsyncIterator[bytes],
+        done: Callable[[bytes | None], None],
     ) -> AsyncIterator[bytes]:
-        """Pass events through, and hand the whole answer on only if the stream completed."""
+        """Pass events through, and hand the whole answer on only if the stream completed.
+
+        This runs after the guard has returned, so it fails open by itself: an answer it
+        cannot assemble is simply not stored.
+        """
         seen: list[bytes] = []
         answer: bytes | None = None
         try:
             async for payload in events:
                 seen.append(payload)
                 yield payload
-            whole = assemble(ctx.route, seen)
+            try:
+                whole = assemble(ctx.route, seen)
+            except ValueError:
+                self.metrics.cache_errors.labels("assemble").inc()
+                whole = None
             if whole is not None and is_complete(whole):
                 answer = orjson.dumps(whole)
         finally:
             done(answer)
-            with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
+            await aclose_quietly(events)
 
     async def _store(
         self, ctx: RequestContext, lookup: Lookup, answer: bytes, ttl_s: float

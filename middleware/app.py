@@ -32,7 +32,7 @@ from leangate.cache.purge import purge
 from leangate.cache.services import CacheServices
 from leangate.cache.store import open_store
 from leangate.middleware.chains import PolicyWatcher
-from leangate.middleware.context import RequestContext, Result, StreamResult
+from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
 from leangate.middleware.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -215,9 +215,7 @@ async def _sse(result: StreamResult, metrics: Metrics, route: Route) -> AsyncIte
         metrics.stream_errors.labels(route).inc()
         yield encode_event(stream_error_payload(exc))
     finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_quietly(events)
 
 
 # --- other routes ----------------------------------------------------------------------------

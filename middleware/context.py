@@ -47,6 +47,14 @@ class StreamResult:
 Result = JsonResult | StreamResult
 
 
+async def aclose_quietly(events: AsyncIterator[bytes]) -> None:
+    """Close an event iterator (an async generator releases its backend connection)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One request as it travels through the pipeline.
