@@ -33,6 +33,8 @@ from leangate.cache.verify import Verdict, Verifier
 log = logging.getLogger(__name__)
 
 SYNC_BLOCK_MS = 200
+SWEEP_INTERVAL_S = 60.0
+SWEEP_BATCH = 1000
 SEARCH_K = 4
 
 
@@ -121,11 +123,15 @@ class SemanticCache:
                 await self._sync_task
 
     async def _follow(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         while True:
             try:
                 events = await self.store.read_events(
                     SEMANTIC_EVENTS, self._last_event, SYNC_BLOCK_MS
                 )
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                    await self.sweep()
             except StoreError as exc:
                 log.warning("semantic sync paused: %s", exc)
                 await asyncio.sleep(1.0)
@@ -137,6 +143,22 @@ class SemanticCache:
                         await self._load(event.key)
                 elif event.op == "del":
                     self._forget(event.key)
+
+    async def sweep(self) -> int:
+        """Forget entries whose TTL ran out in the store; returns how many.
+
+        Expiry in Redis sends no event, so without this the index would keep entries that
+        no lookup happens to find gone.
+        """
+        keys = list(self._entries)
+        gone = 0
+        for start in range(0, len(keys), SWEEP_BATCH):
+            batch = keys[start : start + SWEEP_BATCH]
+            for key, present in zip(batch, await self.store.exists(batch), strict=True):
+                if not present:
+                    self._forget(key)
+                    gone += 1
+        return gone
 
     async def _load(self, key: str) -> None:
         raw = await self.store.get(key)

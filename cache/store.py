@@ -35,6 +35,9 @@ class Event:
 
 
 class Store(ABC):
+    kind: str
+    """``redis`` or ``memory``, for /health."""
+
     @abstractmethod
     async def get(self, key: str) -> bytes | None: ...
 
@@ -43,6 +46,9 @@ class Store(ABC):
 
     @abstractmethod
     async def delete(self, *keys: str) -> int: ...
+
+    @abstractmethod
+    async def exists(self, keys: list[str]) -> list[bool]: ...
 
     @abstractmethod
     def scan(self, pattern: str) -> AsyncIterator[str]: ...
@@ -78,6 +84,8 @@ class RedisStore(Store):
     budget is the real limit, and the pool reconnects by itself once Redis is back.
     """
 
+    kind = "redis"
+
     def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
         # redis-py's annotations cover its sync and async clients at once; Any keeps
         # mypy from insisting that awaited results may be plain values.
@@ -108,6 +116,15 @@ class RedisStore(Store):
             return 0
         try:
             return int(await self._redis.delete(*keys))
+        except RedisError as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                return [bool(found) for found in await pipe.execute()]
         except RedisError as exc:
             raise StoreError(str(exc)) from exc
 
@@ -180,6 +197,8 @@ def _text(value: bytes | str) -> str:
 class MemoryStore(Store):
     """The embedded default: the same interface in this process's memory."""
 
+    kind = "memory"
+
     def __init__(self) -> None:
         self._values: dict[str, tuple[bytes, float]] = {}
         self._indexes: dict[str, dict[str, float]] = {}
@@ -201,6 +220,9 @@ class MemoryStore(Store):
 
     async def delete(self, *keys: str) -> int:
         return sum(self._values.pop(k, None) is not None for k in keys)
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        return [await self.get(key) is not None for key in keys]
 
     async def scan(self, pattern: str) -> AsyncIterator[str]:
         now = time.monotonic()

@@ -1,8 +1,8 @@
 """The HTTP edge: an ASGI app (FastAPI on uvicorn) around the ``Gateway``.
 
 Only here do results become HTTP: JSON bodies pass through as the backend's bytes, and
-streams get their SSE framing back. The completion routes are plain Starlette routes (no
-dependency injection) because they are the hot path.
+streams get their SSE framing back. The completion routes bypass FastAPI's routing (see
+``LeanGateApp``) because they are the hot path; the other routes are FastAPI's.
 """
 
 from __future__ import annotations
@@ -240,14 +240,20 @@ async def _health(request: Request) -> Response:
         }
         for r in backend.replicas
     ]
-    gateway.services.metrics.backend_ready.set(sum(1 for r in backend.replicas if r.healthy))
-    body = {"status": "ok" if backend.ready else "unavailable", "replicas": replicas}
+    cache = gateway.services.cache
+    body = {
+        "status": "ok" if backend.ready else "unavailable",
+        "replicas": replicas,
+        "cache": {"store": cache.store.kind, "available": not cache.breaker.open},
+    }
     return JSONResponse(body, status_code=200 if backend.ready else 503)
 
 
 async def _metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    return Response(gateway.services.metrics.render(), media_type="text/plain; version=0.0.4")
+    metrics = gateway.services.metrics
+    metrics.backend_ready.set(sum(1 for r in gateway.backend.replicas if r.healthy))
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def _purge(request: Request) -> Response:

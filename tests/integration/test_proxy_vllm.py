@@ -32,9 +32,11 @@ def test_health_and_metrics(proxy: ProxyThread) -> None:
     health = httpx.get(proxy.url + "/health")
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
+    assert health.json()["cache"] == {"store": "memory", "available": True}
     metrics = httpx.get(proxy.url + "/metrics")
     assert metrics.status_code == 200
     assert "leangate_requests_total" in metrics.text
+    assert "leangate_backend_replicas_healthy 1.0" in metrics.text
 
 
 def test_chat_non_streaming(client: openai.OpenAI) -> None:

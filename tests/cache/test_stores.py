@@ -1,0 +1,117 @@
+"""Both stores behind the same interface: the intermediate cache, purges, and the
+semantic index's consistency with the store. Redis is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from leangate.cache.embedder import Embedding
+from leangate.cache.intermediate import IntermediateCache
+from leangate.cache.purge import purge
+from leangate.cache.semantic import Entry, SemanticCache
+from leangate.cache.services import CacheServices
+from leangate.cache.store import MemoryStore, RedisStore, Store
+from leangate.middleware.metrics import Metrics
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Store]:
+    opened: Store = RedisStore(redis_url) if request.param == "redis" else MemoryStore()
+    yield opened
+    await opened.close()
+
+
+async def test_intermediate_results_are_computed_once_per_tenant(store: Store) -> None:
+    cache = CacheServices(store, Metrics())
+    intermediate = IntermediateCache(cache)
+    calls: list[str] = []
+    parts = ["outline", uuid.uuid4().hex]
+
+    async def compute() -> dict[str, list[str]]:
+        calls.append("computed")
+        return {"points": ["a", "b"]}
+
+    first = await intermediate.get_or_compute("alpha", "outline", parts, compute)
+    await cache.drain()
+    second = await intermediate.get_or_compute("alpha", "outline", parts, compute)
+    assert first == second == {"points": ["a", "b"]}
+    assert calls == ["computed"]
+    await intermediate.get_or_compute("beta", "outline", parts, compute)
+    assert len(calls) == 2, "another tenant never sees alpha's result"
+    await cache.drain()
+    assert await purge(store, tenant="alpha", namespace=None) >= 1
+    assert await intermediate.get("alpha", "outline", parts) is None
+    assert await intermediate.get("beta", "outline", parts) == {"points": ["a", "b"]}
+
+
+def _embedding(seed: int) -> Embedding:
+    vector = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    tokens = np.ones((1, 384), dtype=np.float16) / np.sqrt(384)
+    return Embedding(vector, tokens)
+
+
+class _NoModel:
+    """Stands in for the embedder: these tests add vectors directly."""
+
+    dim = 384
+
+    def load(self) -> None:
+        pass
+
+    def encode(self, texts: list[str]) -> list[Embedding]:
+        return [_embedding(0) for _ in texts]
+
+
+async def test_semantic_index_follows_expiry_and_other_replicas(store: Store) -> None:
+    first = SemanticCache(store, _NoModel())  # type: ignore[arg-type]
+    second = SemanticCache(store, _NoModel())  # type: ignore[arg-type]
+    await first.start()
+    await second.start()
+    try:
+        tag = uuid.uuid4().hex
+        short, lasting = f"lg:t:{tag}:sem:short", f"lg:t:{tag}:sem:lasting"
+        await first.add(short, Entry("scope", "q1", "a1"), _embedding(1), ttl_s=0.3)
+        await first.add(lasting, Entry("scope", "q2", "a2"), _embedding(2), ttl_s=60)
+        for _ in range(50):
+            if short in second.index and lasting in second.index:
+                break
+            await asyncio.sleep(0.05)
+        assert short in second.index and lasting in second.index, "the other replica saw both"
+        await asyncio.sleep(0.4)
+        assert await second.sweep() >= 1
+        assert short not in second.index and lasting in second.index
+        await first.drop(lasting)
+        for _ in range(50):
+            if lasting not in second.index:
+                break
+            await asyncio.sleep(0.05)
+        assert lasting not in second.index, "a drop reaches every replica"
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_purge_command(redis_url: str) -> None:
+    async def seed() -> None:
+        redis_store = RedisStore(redis_url)
+        cache = CacheServices(redis_store, Metrics())
+        await IntermediateCache(cache).put("cli-tenant", "k", [1], {"v": 1})
+        await cache.drain()
+        await redis_store.close()
+
+    asyncio.run(seed())
+    run = [sys.executable, "-m", "leangate", "cache", "purge", "--redis-url", redis_url]
+    done = subprocess.run(
+        [*run, "--tenant", "cli-tenant"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and "deleted 1 entries" in done.stdout, done.stderr
+    refused = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "name a tenant" in refused.stderr
