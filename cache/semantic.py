@@ -97,6 +97,7 @@ class SemanticCache:
         self._entries: dict[str, Entry] = {}
         self._tokens: dict[str, np.ndarray | None] = {}
         self._sync_task: asyncio.Task[None] | None = None
+        self._closing = False
         self._last_event = "0-0"
 
     # --- lifetime --------------------------------------------------------------------------
@@ -117,14 +118,24 @@ class SemanticCache:
             self.embedder.encode([" ".join(["warm"] * words)])
 
     async def close(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        """Stop following the event log.
+
+        The follower is asked to stop and given one blocking read to notice. Cancelling a
+        blocked ``XREAD`` can leave redis-py waiting on its connection indefinitely, so
+        cancellation is only the fallback, and it is not waited for beyond a second.
+        """
+        self._closing = True
+        task = self._sync_task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=3 * SYNC_BLOCK_MS / 1000)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
 
     async def _follow(self) -> None:
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-        while True:
+        while not self._closing:
             try:
                 events = await self.store.read_events(
                     SEMANTIC_EVENTS, self._last_event, SYNC_BLOCK_MS
