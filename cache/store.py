@@ -70,9 +70,6 @@ class Store(ABC):
     async def read_events(self, stream: str, after: str, block_ms: int) -> list[Event]:
         """Events after ``after``, waiting up to ``block_ms`` for the first one."""
 
-    async def ping(self) -> None:  # noqa: B027 - only Redis can be unreachable
-        pass
-
     async def close(self) -> None:  # noqa: B027
         pass
 
@@ -178,12 +175,6 @@ class RedisStore(Store):
                 op, key = fields.get(b"op", b""), fields.get(b"key", b"")
                 events.append(Event(_text(event_id), _text(op), _text(key)))
         return events
-
-    async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except RedisError as exc:
-            raise StoreError(str(exc)) from exc
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -61,9 +61,6 @@ class ChainBook:
             self._chains[key] = chain
         return chain
 
-    def stages(self) -> list[Stage]:
-        return [stage for rule in self._stages for stage, _ in rule]
-
 
 def _narrowing(options: RequestOptions | None) -> frozenset[str] | None:
     """The stage names a request allows, or None for all of the policy's."""
