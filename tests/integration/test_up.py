@@ -1,0 +1,24 @@
+"""`leangate up`, the command behind the README's `scripts/run.sh`, end to end."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_serves_a_request_and_the_repeat_from_cache(vllm_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "leangate", "up", "--once", "--port", str(port)]
+    done = subprocess.run(
+        [*command, "--backend-url", vllm_url], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[first request]" in done.stdout and "cache: miss" in done.stdout
+    assert "[second request]" in done.stdout and "cache: hit-exact" in done.stdout
