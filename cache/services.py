@@ -14,10 +14,13 @@ from leangate.cache.store import Store, StoreError
 from leangate.middleware.metrics import Metrics
 
 if TYPE_CHECKING:
+    from leangate.cache.embedder import Embedder
     from leangate.cache.semantic import SemanticCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+SEMANTIC_RETRY_S = 5.0
 
 
 class StoreUnavailable(StoreError):
@@ -63,32 +66,49 @@ class CacheServices:
         self._semantic: SemanticCache | None = None
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._embedder: Embedder | None = None
+        self._semantic_retry_at = 0.0
 
     def semantic(self) -> SemanticCache | None:
-        """The semantic cache if it is ready; the first call starts loading it."""
-        if self._semantic is not None and self._starting is not None and self._starting.done():
-            return self._semantic if self._starting.exception() is None else None
-        if self._starting is None:
-            self._starting = asyncio.create_task(self._start_semantic(), name="semantic-start")
+        """The semantic cache if it is ready, else None.
+
+        The first call starts it in the background. A start that failed (Redis down at
+        boot, say) is tried again on a call at least ``SEMANTIC_RETRY_S`` later, so the
+        semantic cache comes back by itself, as the exact cache does.
+        """
+        task = self._starting
+        if task is not None and not task.done():
+            return None
+        if task is not None and not task.cancelled() and task.exception() is None:
+            return self._semantic
+        if time.monotonic() < self._semantic_retry_at:
+            return None
+        self._starting = asyncio.create_task(self._start_semantic(), name="semantic-start")
         return None
 
     async def start_semantic(self) -> None:
-        """Start the semantic cache now (from the lifespan, when a policy uses it)."""
+        """Start the semantic cache now (from the lifespan, when a policy uses it); a
+        failure is logged, never raised: requests then go on without it."""
         self.semantic()
-        assert self._starting is not None
-        await self._starting
+        if self._starting is not None:
+            await asyncio.wait({self._starting})
 
     async def _start_semantic(self) -> None:
         from leangate.cache.embedder import Embedder
         from leangate.cache.semantic import SemanticCache
 
-        semantic = SemanticCache(self.store, Embedder())
-        self._semantic = semantic
+        if self._embedder is None:
+            self._embedder = Embedder()
+        semantic = SemanticCache(self.store, self._embedder)
         try:
             await semantic.start()
         except Exception:
-            log.exception("the semantic cache could not start")
+            log.exception("the semantic cache could not start; retrying later")
+            self.metrics.cache_errors.labels("semantic-start").inc()
+            self._semantic_retry_at = time.monotonic() + SEMANTIC_RETRY_S
+            await semantic.close()
             raise
+        self._semantic = semantic
 
     def in_background(self, work: Awaitable[None], operation: str) -> None:
         """Run store writes off the request path; a failure is logged and counted."""

@@ -8,6 +8,9 @@ answer fails the run with a clear message.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -117,3 +120,38 @@ def proxy(vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 def backend_requests(proxy: ProxyThread) -> float:
     """How many requests the proxy has sent to its backend, from its /metrics."""
     return metric_total(proxy.url, "leangate_backend_requests_total")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    """A private redis-server, for tests that stop and start Redis."""
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed for this test (the test command installs it)"
+    process = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.05)
+    raise RuntimeError("private redis-server did not start")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +11,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import MODEL, ProxyThread, backend_requests, proxy_settings, write_policy
+from conftest import (
+    MODEL,
+    ProxyThread,
+    backend_requests,
+    free_port,
+    proxy_settings,
+    start_redis,
+    write_policy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -314,43 +319,9 @@ def test_follow_up_turn_does_not_hit_a_single_turn_entry(
 # --- Redis going away ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed for this test (the test command installs it)"
-    process = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process
-        time.sleep(0.05)
-    raise RuntimeError("private redis-server did not start")
-
-
 def test_redis_killed_mid_run_then_recovers(vllm_url: str, tmp_path: Path) -> None:
-    port = _free_port()
-    redis_process = _start_redis(port, tmp_path)
+    port = free_port()
+    redis_process = start_redis(port, tmp_path)
     policy = write_policy(tmp_path, _policy(semantic=False))
     settings = proxy_settings(vllm_url, policy=policy, redis_url=f"redis://127.0.0.1:{port}/0")
     try:
@@ -366,7 +337,7 @@ def test_redis_killed_mid_run_then_recovers(vllm_url: str, tmp_path: Path) -> No
                 assert answer.headers.get("x-leangate-cache") != "hit-exact"
             metrics = httpx.get(proxy.url + "/metrics").text
             assert 'leangate_stage_failed_open_total{reason="error",stage="cache"}' in metrics
-            redis_process = _start_redis(port, tmp_path)
+            redis_process = start_redis(port, tmp_path)
             deadline = time.monotonic() + 15
             status = ""
             while time.monotonic() < deadline and status != "hit-exact":

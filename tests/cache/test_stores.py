@@ -8,9 +8,11 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, start_redis
 
 from leangate.cache.embedder import Embedding
 from leangate.cache.intermediate import IntermediateCache
@@ -115,3 +117,32 @@ def test_purge_command(redis_url: str) -> None:
     assert done.returncode == 0 and "deleted 1 entries" in done.stdout, done.stderr
     refused = subprocess.run(run, capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and "name a tenant" in refused.stderr
+
+
+async def test_semantic_cache_starts_once_redis_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("leangate.cache.services.SEMANTIC_RETRY_S", 0.2)
+    monkeypatch.setattr("leangate.cache.embedder.Embedder", _NoModel)
+    port = free_port()
+    metrics = Metrics()
+    cache = CacheServices(RedisStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.2), metrics)
+    await cache.start_semantic()
+    assert cache.semantic() is None, "no Redis: no semantic cache, and no exception either"
+    failures = metrics.registry.get_sample_value(
+        "leangate_cache_errors_total", {"operation": "semantic-start"}
+    )
+    assert failures == 1
+    redis_process = start_redis(port, tmp_path)
+    try:
+        ready = None
+        for _ in range(100):
+            ready = cache.semantic()
+            if ready is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert ready is not None, "the semantic cache started once Redis was back"
+    finally:
+        await cache.close()
+        redis_process.kill()
+        redis_process.wait()
