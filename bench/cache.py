@@ -27,9 +27,12 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from leangate.cache.stage import EMBED_TIMING
 
 from .common import (
     BenchError,
@@ -170,15 +173,39 @@ def _cache_status(proxy: SpawnedService, body: bytes, key: str | None = None) ->
     return str(response.headers.get("x-leangate-cache", ""))
 
 
-def _timed(client: RawHTTPClient, requests: Sequence[bytes]) -> list[float]:
+@dataclass(frozen=True)
+class Timing:
+    latency: float
+    embed: float
+    """The proxy's own embedding time for this request (its ``Server-Timing``), or 0."""
+
+    @property
+    def net(self) -> float:
+        return self.latency - self.embed
+
+
+def _timed(client: RawHTTPClient, requests: Sequence[bytes]) -> list[Timing]:
     times = []
     for request in requests:
         start = time.perf_counter()
         response = client.send(request)
+        latency = time.perf_counter() - start
         if response.status != 200:
             raise BenchError(f"HTTP {response.status}: {response.body[:200]!r}")
-        times.append(time.perf_counter() - start)
+        times.append(Timing(latency, _embed_seconds(response.headers.get(b"server-timing", b""))))
     return times
+
+
+def _embed_seconds(server_timing: bytes) -> float:
+    for metric in server_timing.decode().split(","):
+        name, _, duration = metric.strip().partition(";dur=")
+        if name == EMBED_TIMING:
+            return float(duration) / 1000
+    return 0.0
+
+
+def _p50(times: Sequence[Timing], field: str = "latency") -> float:
+    return median([getattr(t, field) for t in times])
 
 
 def _hit_pairs(data_dir: Path, count: int) -> list[tuple[str, str]]:
@@ -204,7 +231,7 @@ def _hits(
         exact_requests = [raw.build_request("POST", CHAT, origin)] * 50
         semantic_requests = [raw.build_request("POST", CHAT, _body(q)) for q in similar]
         direct_requests = [direct.build_request("POST", CHAT, origin)] * 3
-        samples: dict[str, list[float]] = {"direct": [], "exact": [], "semantic": []}
+        samples: dict[str, list[Timing]] = {"direct": [], "exact": [], "semantic": []}
         round_p50: dict[str, list[float]] = {"direct": [], "exact": [], "semantic": []}
         for index in range(-1, rounds):
             for arm, client, requests in (
@@ -215,7 +242,7 @@ def _hits(
                 times = _timed(client, requests) if requests else []
                 if index >= 0 and times:
                     samples[arm] += times
-                    round_p50[arm].append(median(times))
+                    round_p50[arm].append(_p50(times))
             log(f"hits round {index}: {_p50s_ms(round_p50)}")
         raw.close()
         direct.close()
@@ -225,37 +252,19 @@ def _hits(
     direct_p50 = median(round_p50["direct"])
     exact_p50 = median(round_p50["exact"])
     semantic_p50 = median(round_p50["semantic"])
-    embed_p50 = _embed_p50(similar)
+    latencies = {arm: [t.latency for t in times] for arm, times in samples.items()}
     return {
-        "semantic_embed_p50_ms": rounded(embed_p50 * 1e3, 2),
-        "semantic_hit_minus_embed_p50_ms": rounded((semantic_p50 - embed_p50) * 1e3, 2),
+        "semantic_embed_p50_ms": rounded(_p50(samples["semantic"], "embed") * 1e3, 2),
+        "semantic_hit_minus_embed_p50_ms": rounded(_p50(samples["semantic"], "net") * 1e3, 2),
         "direct_vllm_p50_ms": rounded(direct_p50 * 1e3, 2),
         "exact_hit_p50_ms": rounded(exact_p50 * 1e3, 3),
-        "exact_hit_p99_ms": rounded(percentile(samples["exact"], 99) * 1e3, 3),
+        "exact_hit_p99_ms": rounded(percentile(latencies["exact"], 99) * 1e3, 3),
         "semantic_hit_p50_ms": rounded(semantic_p50 * 1e3, 3),
-        "semantic_hit_p99_ms": rounded(percentile(samples["semantic"], 99) * 1e3, 3),
+        "semantic_hit_p99_ms": rounded(percentile(latencies["semantic"], 99) * 1e3, 3),
         "exact_hit_speedup_vs_direct": rounded(ratio(direct_p50, exact_p50), 1),
         "semantic_hit_speedup_vs_direct": rounded(ratio(direct_p50, semantic_p50), 1),
         "semantic_hit_queries": len(similar),
     }
-
-
-def _embed_p50(texts: Sequence[str]) -> float:
-    """How long the proxy's embedder takes for ``texts``, one at a time, in this process
-    (same model, same thread count), so hit and miss times can be read net of it."""
-    from leangate.cache.embedder import Embedder
-
-    embedder = Embedder()
-    embedder.load()
-    for text in texts[:3]:
-        embedder.encode([text])
-    times = []
-    for _ in range(3):
-        for text in texts:
-            start = time.perf_counter()
-            embedder.encode([text])
-            times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def _semantic_hits(proxy: SpawnedService, data_dir: Path) -> list[str]:
@@ -272,13 +281,10 @@ def _semantic_hits(proxy: SpawnedService, data_dir: Path) -> list[str]:
 # --- 3. misses -------------------------------------------------------------------------------
 
 
-def _unique_question() -> str:
-    return f"Question {uuid.uuid4().hex}: how do caches work?"
-
-
 def _unique_requests(client: RawHTTPClient, count: int) -> Iterator[bytes]:
     for _ in range(count):
-        yield client.build_request("POST", CHAT, _body(_unique_question(), RESPONDER_MODEL, 8))
+        question = f"Question {uuid.uuid4().hex}: how do caches work?"
+        yield client.build_request("POST", CHAT, _body(question, RESPONDER_MODEL, 8))
 
 
 def _misses(
@@ -307,18 +313,23 @@ def _misses(
             name: stack.enter_context(RawHTTPClient(proxy.url)) for name, proxy in arms.items()
         }
         p50s: dict[str, list[float]] = {name: [] for name in arms}
+        net_p50s: list[float] = []
+        embeds: list[float] = []
         for index in range(-1, rounds):
             for name, client in clients.items():
                 times = _timed(client, list(_unique_requests(client, count)))
                 if index >= 0:
-                    p50s[name].append(median(times))
+                    p50s[name].append(_p50(times))
+                if index >= 0 and name == "semantic":
+                    net_p50s.append(_p50(times, "net"))
+                    embeds.append(_p50(times, "embed"))
             log(f"misses round {index}: {_p50s_ms(p50s)}")
-    questions = [_unique_question() for _ in range(30)]
     semantic_added = _paired_added(p50s["semantic"], p50s["none"])
-    embed_p50 = _embed_p50(questions)
     return {
-        "miss_embed_p50_ms": rounded(embed_p50 * 1e3, 2),
-        "miss_overhead_semantic_minus_embed_p50_ms": rounded((semantic_added - embed_p50) * 1e3, 2),
+        "miss_embed_p50_ms": rounded(median(embeds) * 1e3, 2),
+        "miss_overhead_semantic_minus_embed_p50_ms": rounded(
+            _paired_added(net_p50s, p50s["none"]) * 1e3, 2
+        ),
         "no_cache_p50_ms": rounded(median(p50s["none"]) * 1e3, 3),
         "miss_overhead_p50_ms": rounded(_paired_added(p50s["exact"], p50s["none"]) * 1e3, 3),
         "miss_overhead_semantic_p50_ms": rounded(semantic_added * 1e3, 3),

@@ -557,6 +557,8 @@ class RawResponse:
     status: int
     body: bytes
     first_token_at: float | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    """Lower-cased header names; a repeated header keeps its last value."""
 
 
 class RawHTTPClient:
@@ -630,6 +632,7 @@ class RawHTTPClient:
             raise BenchError("connection closed before response")
         status = int(status_line.split(None, 2)[1])
         length: int | None = None
+        headers: dict[bytes, bytes] = {}
         chunked = False
         close = False
         while True:
@@ -638,6 +641,7 @@ class RawHTTPClient:
                 break
             name, _, value = line.partition(b":")
             key = name.strip().lower()
+            headers[key] = value.strip()
             if key == b"content-length":
                 length = int(value)
             elif key == b"transfer-encoding":
@@ -654,7 +658,7 @@ class RawHTTPClient:
             first = time.perf_counter() if watch_first_token else None
         if close:
             self.close()
-        return RawResponse(status=status, body=body, first_token_at=first)
+        return RawResponse(status=status, body=body, first_token_at=first, headers=headers)
 
 
 def _read_chunked(rfile: IO[bytes], watch_first_token: bool) -> tuple[bytes, float | None]:

@@ -9,6 +9,7 @@ short, and ``n > 1`` (unless allowed) are never stored.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from leangate.cache.embedder import Embedding
 
 CACHE_HEADER = "x-leangate-cache"
+EMBED_TIMING = "cache-embed"
 SIMILARITY_HEADER = "x-leangate-cache-similarity"
 TTL_HEADER = "x-leangate-cache-ttl"
 
@@ -149,7 +151,9 @@ class CacheStage:
         if semantic is None or lookup.semantic is None:
             return None
         scope, text = lookup.semantic
+        started = time.perf_counter()
         lookup.vector = await semantic.embed(text)
+        ctx.timings[EMBED_TIMING] = time.perf_counter() - started
         match = semantic.nearest(scope, text, lookup.vector, self.verifier)
         if match is None or not match.verdict.accepted:
             self.metrics.cache_lookups.labels("semantic", "miss").inc()

@@ -193,13 +193,21 @@ async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
 
 
 def _render(result: Result, ctx: RequestContext, metrics: Metrics, route: Route) -> Response:
-    if isinstance(result, StreamResult):
-        headers = {**SSE_HEADERS, **ctx.response_headers, **result.headers}
-        return StreamingResponse(
-            _sse(result, metrics, route), media_type="text/event-stream", headers=headers
-        )
     headers = {**ctx.response_headers, **result.headers}
+    if ctx.timings:
+        headers["server-timing"] = server_timing(ctx.timings)
+    if isinstance(result, StreamResult):
+        return StreamingResponse(
+            _sse(result, metrics, route),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
     return Response(result.body, result.status, headers=headers, media_type="application/json")
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """Each stage's own time (and its parts) as a ``Server-Timing`` header, in ms."""
+    return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timings.items())
 
 
 async def _sse(result: StreamResult, metrics: Metrics, route: Route) -> AsyncIterator[bytes]:

@@ -90,6 +90,7 @@ def test_exact_hit_after_miss(cached: ProxyThread) -> None:
     assert first.headers["x-leangate-cache"] == "miss"
     assert second.headers["x-leangate-cache"] == "hit-exact"
     assert second.json()["choices"] == first.json()["choices"]
+    assert second.headers["server-timing"].startswith("cache;dur=")
 
 
 def test_non_deterministic_requests_bypass(cached: ProxyThread) -> None:
@@ -277,6 +278,7 @@ def test_semantic_hit_is_seen_by_another_replica(replicas: tuple[ProxyThread, Pr
         time.sleep(0.05)
     assert hit.headers["x-leangate-cache"] == "hit-semantic"
     assert float(hit.headers["x-leangate-cache-similarity"]) > 0.8
+    assert "cache-embed;dur=" in hit.headers["server-timing"]
     assert hit.json()["choices"] == origin.json()["choices"]
 
 
