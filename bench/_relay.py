@@ -1,80 +1,97 @@
-"""Stand-in proxy for self-testing the benchmark harness -- NOT the product.
+"""A bare relay on leangate's own stack, the floor the proxy's overhead is measured against.
 
-A tiny aiohttp relay that accepts the proxy's command-line shape
-(``serve --host H --port P --backend-url URL``) and forwards every request to the
-first backend, streaming the body through.  Use it with
-``--proxy-command "python -m leangate.bench._relay serve"`` until the real proxy
-exists.
+uvicorn (uvloop, httptools) in front of one pooled aiohttp session, forwarding every POST
+to the first backend and relaying the answer, streamed or not: no validation, policy,
+pipeline or metrics. It takes the proxy's command-line shape, so
+
+    leangate bench passthrough --parts responder \\
+        --proxy-command "python -m leangate.bench._relay serve"
+
+measures what uvicorn + aiohttp alone cost on this machine. NOT the product.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
-from aiohttp import web
+import uvicorn
 
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "content-length",
-    "host",
-    "content-encoding",
-}
-
-SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
-BACKEND: web.AppKey[str] = web.AppKey("backend", str)
+Message = dict[str, Any]
 
 
-async def _health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+class Relay:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["path"] == "/health":
+            await _answer(send, 200, b"application/json", b'{"status":"ok"}')
+        else:
+            await self._forward(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.session = aiohttp.ClientSession(auto_decompress=False)
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                if self.session is not None:
+                    await self.session.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _forward(self, scope: Message, receive: Any, send: Any) -> None:
+        assert self.session is not None
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {"content-type": "application/json"}
+        url = self.backend + scope["path"]
+        async with self.session.request(scope["method"], url, data=body, headers=headers) as up:
+            content_type = up.headers.get("content-type", "application/json").encode()
+            if not content_type.startswith(b"text/event-stream"):
+                await _answer(send, up.status, content_type, await up.read())
+                return
+            start = {"type": "http.response.start", "status": up.status}
+            await send({**start, "headers": [(b"content-type", content_type)]})
+            async for chunk in up.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
 
 
-async def _forward(request: web.Request) -> web.StreamResponse:
-    session = request.app[SESSION]
-    url = request.app[BACKEND] + request.rel_url.path_qs
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-    body = await request.read()
-    async with session.request(request.method, url, data=body or None, headers=headers) as up:
-        out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP_BY_HOP}
-        if "text/event-stream" not in up.headers.get("content-type", ""):
-            payload = await up.read()
-            return web.Response(status=up.status, body=payload, headers=out_headers)
-        response = web.StreamResponse(status=up.status, headers=out_headers)
-        await response.prepare(request)
-        async for chunk in up.content.iter_any():
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-
-
-async def _make_app(backend: str) -> web.Application:
-    app = web.Application()
-    app[BACKEND] = backend.rstrip("/")
-
-    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-            app[SESSION] = session
-            yield
-
-    app.cleanup_ctx.append(session_ctx)
-    app.router.add_get("/health", _health)
-    app.router.add_route("*", "/{tail:.*}", _forward)
-    return app
+async def _answer(send: Any, status: int, content_type: bytes, body: bytes) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="benchmark self-test relay")
+    parser = argparse.ArgumentParser(description="bare uvicorn + aiohttp relay (benchmark floor)")
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backend-url", action="append", required=True)
     args, _unknown = parser.parse_known_args(argv)
-    app = _make_app(args.backend_url[0])
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    uvicorn.run(
+        Relay(args.backend_url[0]),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 if __name__ == "__main__":
