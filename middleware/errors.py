@@ -49,13 +49,17 @@ def error_payload(message: str, error_type: str, code: str | int | None) -> byte
     return orjson.dumps({"error": {"message": message, "type": error_type, "code": code}})
 
 
+def validation_problems(exc: ValidationError, whole: str = "body") -> list[str]:
+    """One line per problem, naming the field: ``messages.0.role: Field required``;
+    ``whole`` names a problem with the object itself."""
+    return [
+        f"{'.'.join(str(p) for p in error['loc']) or whole}: {error['msg']}"
+        for error in exc.errors(include_url=False)
+    ]
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One readable line per problem, naming the field: ``messages.0.role: Field required``."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+    return "; ".join(validation_problems(exc))
 
 
 def error_response(exc: Exception) -> Response:

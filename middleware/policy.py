@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from leangate.middleware.errors import describe_validation_error
+from leangate.middleware.errors import describe_validation_error, validation_problems
 from leangate.middleware.protocol import Route
 from leangate.middleware.registry import stage_class
 
@@ -170,10 +170,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     try:
         return Policy.model_validate(data or {})
     except ValidationError as exc:
-        lines = [f"{source}: invalid policy"]
-        for error in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-            lines.append(f"  {where}: {error['msg']}")
+        problems = validation_problems(exc, whole="(top level)")
+        lines = [f"{source}: invalid policy", *(f"  {line}" for line in problems)]
         raise PolicyError("\n".join(lines)) from None
 
 
