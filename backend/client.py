@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +25,7 @@ from leangate.backend.errors import (
     BackendUnavailable,
     ModelNotFound,
 )
-from leangate.backend.sse import iter_events
+from leangate.backend.profile import BackendProfile
 from leangate.backend.transport import (
     AiohttpTransport,
     Transport,
@@ -51,6 +50,8 @@ class BackendSettings(BaseModel):
     health_interval_s: float = Field(5.0, gt=0)
     health_timeout_s: float = Field(3.0, gt=0)
     max_retries: int = Field(2, ge=0)
+    load_poll_s: float = Field(2.0, ge=0)
+    """How often the backend profile reads each replica's /metrics for its load (0: never)."""
     affinity_slack: int = Field(4, ge=1)
     affinity_prefix_chars: int = Field(512, ge=0)
 
@@ -106,6 +107,8 @@ class BackendClient:
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
         self._health_task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self.profile = BackendProfile()
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -113,18 +116,45 @@ class BackendClient:
         """Check every replica once, then keep checking in the background."""
         await self.check_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="backend-health")
+        if self.settings.load_poll_s > 0:
+            self._load_task = asyncio.create_task(self._load_loop(), name="backend-load")
 
     async def aclose(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._load_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._transport.aclose()
 
+    async def _load_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.load_poll_s)
+            try:
+                texts = await asyncio.gather(
+                    *(self._metrics_text(r) for r in self.replicas if r.healthy)
+                )
+                self.profile.read_metrics(texts)
+            except Exception as exc:
+                log.debug("reading the replicas' /metrics failed: %r", exc)
+
+    async def _metrics_text(self, replica: Replica) -> str:
+        request = UpstreamRequest(
+            "GET", f"{replica.url}/metrics", timeout_s=self.settings.health_timeout_s
+        )
+        response = await self._transport.send(request)
+        body = await response.read()
+        return body.decode(errors="replace") if response.status == 200 else ""
+
     async def _health_loop(self) -> None:
+        """Runs until cancelled: an unexpected failure of one round is logged, and the next
+        round runs as usual (a dead loop would leave replicas marked unhealthy for good)."""
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
-            await self.check_health()
+            try:
+                await self.check_health()
+            except Exception:
+                log.exception("backend health check failed unexpectedly")
 
     async def check_health(self) -> None:
         await asyncio.gather(*(self._check_replica(r) for r in self.replicas))
@@ -142,13 +172,14 @@ class BackendClient:
             if response.status != 200:
                 raise BackendProtocolError(f"health check answered HTTP {response.status}")
             cards = json.loads(body)["data"]
+            models = frozenset(str(card["id"]) for card in cards)
         except (BackendError, ValueError, KeyError, TypeError) as exc:
             if replica.healthy:
                 log.warning("replica %s is unhealthy: %s", replica.url, exc)
             replica.healthy = False
             return
         replica.model_cards = cards
-        replica.models = frozenset(card["id"] for card in cards)
+        replica.models = models
         replica.healthy = True
 
     # --- queries ---------------------------------------------------------------------------
@@ -165,6 +196,10 @@ class BackendClient:
                 for card in replica.model_cards:
                     seen.setdefault(card.get("id"), card)
         return list(seen.values())
+
+    def outstanding(self, model: str) -> int:
+        """Requests this proxy has in flight to the replicas serving ``model``."""
+        return sum(r.outstanding for r in self.replicas if model in r.models)
 
     def serves(self, model: str) -> bool:
         return any(r.serves(model) for r in self.replicas)
@@ -230,24 +265,3 @@ class BackendClient:
                 content_type = response.headers.get("content-type", "application/json")
                 raise BackendStatusError(response.status, content, content_type)
             return tracked
-
-    async def complete(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send a non-streaming request built by a stage and return the decoded answer."""
-        body = json.dumps(payload).encode()
-        response = await self.send(path, body, model=str(payload.get("model")), stream=False)
-        raw = await response.read()
-        try:
-            answer: dict[str, Any] = json.loads(raw)
-        except ValueError as exc:
-            raise BackendProtocolError("the backend's answer is not JSON") from exc
-        return answer
-
-    async def stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[bytes]:
-        """Send a streaming request built by a stage; yield each event's JSON payload."""
-        body = json.dumps({**payload, "stream": True}).encode()
-        response = await self.send(path, body, model=str(payload.get("model")), stream=True)
-        try:
-            async for event in iter_events(response.iter_chunks()):
-                yield event
-        finally:
-            await response.aclose()

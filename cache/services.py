@@ -58,7 +58,7 @@ class Breaker:
 
 
 class CacheServices:
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store, metrics: Metrics, embedder: Embedder | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.breaker = Breaker()
@@ -66,7 +66,7 @@ class CacheServices:
         self._semantic: SemanticCache | None = None
         self._starting: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._embedder: Embedder | None = None
+        self._embedder = embedder
         self._semantic_retry_at = 0.0
 
     def semantic(self) -> SemanticCache | None:

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     log_level: str = "warning"
     admin_api_key: str | None = None
     """Bearer key for the ``/admin`` API; without one the admin API is off."""
+    tokenizer_dirs: dict[str, Path] = Field(default_factory=dict)
+    """Local model folders by served model name, for exact token counts without a call
+    to the backend (``LEANGATE_TOKENIZER_DIRS='{"SmolLM2-135M-Instruct": "/models/smol"}'``)."""
+    load_poll_s: float = Field(2.0, ge=0)
+    """How often the backend profile reads the replicas' /metrics for their load."""
 
     def backend_urls(self) -> list[str]:
         return [u.strip() for u in self.backend_url.split(",") if u.strip()]
@@ -38,4 +43,5 @@ class Settings(BaseSettings):
             urls=self.backend_urls(),
             api_key=self.backend_api_key,
             timeout_s=self.backend_timeout_s,
+            load_poll_s=self.load_poll_s,
         )

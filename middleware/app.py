@@ -27,13 +27,16 @@ from starlette.types import Receive, Scope, Send
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import BackendError
 from leangate.backend.sse import DONE_EVENT, encode_event
+from leangate.backend.tokenizer import Tokenizer
 from leangate.backend.transport import Transport
+from leangate.cache.embedder import Embedder
 from leangate.cache.purge import purge
 from leangate.cache.services import CacheServices
 from leangate.cache.store import open_store
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
 from leangate.middleware.errors import (
+    ClientGone,
     InvalidRequest,
     PayloadTooLarge,
     ProxyError,
@@ -82,8 +85,12 @@ class LeanGateApp:
         if scope["type"] == "http" and scope["method"] == "POST":
             route = COMPLETION_PATHS.get(scope["path"])
             if route is not None:
-                response = await _complete(self.api.state, scope, receive, route)
-                await response(scope, receive, send)
+                response, ctx = await _complete(self.api.state, scope, receive, route)
+                try:
+                    await response(scope, receive, send)
+                finally:
+                    if ctx is not None and not ctx.scope.idle:
+                        await ctx.scope.aclose()
                 return
         await self.api(scope, receive, send)
 
@@ -101,11 +108,19 @@ def create_app(
         backend = BackendClient(
             settings.backend_settings(), transport, metrics.backend_request_sent
         )
-        cache = CacheServices(open_store(settings.redis_url), metrics)
+        embedder = Embedder()
+        cache = CacheServices(open_store(settings.redis_url), metrics, embedder)
         await backend.start()
         if uses_semantic_cache(policy):
             await cache.start_semantic()
-        gateway = Gateway(Services(backend=backend, metrics=metrics, cache=cache), policy)
+        services = Services(
+            backend=backend,
+            metrics=metrics,
+            cache=cache,
+            embedder=embedder,
+            tokenizer=Tokenizer(backend, settings.tokenizer_dirs),
+        )
+        gateway = Gateway(services, policy)
         app.state.gateway = gateway
         app.state.settings = settings
         watch = _watch_policy(settings, gateway)
@@ -151,22 +166,73 @@ def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | 
 # --- completion routes -----------------------------------------------------------------------
 
 
-async def _complete(state: State, scope: Scope, receive: Receive, route: Route) -> Response:
+async def _complete(
+    state: State, scope: Scope, receive: Receive, route: Route
+) -> tuple[Response, RequestContext | None]:
     gateway: Gateway = state.gateway
     started = time.perf_counter()
     headers = Headers(scope=scope)
+    ctx: RequestContext | None = None
+    watch = ClientWatch(receive)
     try:
         body = await _read_body(receive, headers, state.settings.max_body_bytes)
-        result, ctx = await gateway.run(route, body, headers)
+        ctx = gateway.prepare(route, body, headers)
+        ctx.scope.on_fanout = watch.start
+        result = await gateway.execute(ctx)
         response = _render(result, ctx, gateway.services.metrics, route)
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+        watch.forget_cancel()
+        response = error_response(ClientGone("the client disconnected"))
     except Exception as exc:
         if _is_unexpected(exc):
             log.exception("unexpected error on %s", route)
         response = error_response(exc)
+    finally:
+        watch.stop()
     gateway.services.metrics.request_done(
         route, response.status_code, time.perf_counter() - started
     )
-    return response
+    return response, ctx
+
+
+class ClientWatch:
+    """Cancels the request's task when its client disconnects before the response starts.
+
+    Started only when a stage fans out (``RequestScope.on_fanout``): sub-requests should
+    stop as soon as nobody waits for them, and a watcher task on every request would cost
+    the hot path. Once the response starts, the streaming response notices disconnects.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def start(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="client-watch")
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                if self._task is not None:
+                    self._task.cancel()
+                return
+
+    def forget_cancel(self) -> None:
+        if self._task is not None:
+            self._task.uncancel()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 def _is_unexpected(exc: Exception) -> bool:

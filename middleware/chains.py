@@ -14,7 +14,7 @@ from pathlib import Path
 from leangate.middleware.pipeline import Handler, Stage, build_chain
 from leangate.middleware.policy import Policy, PolicyError, Rule, load_policy
 from leangate.middleware.protocol import RequestOptions, Route
-from leangate.middleware.registry import STAGES, stage_class
+from leangate.middleware.registry import known_stages, stage_class
 from leangate.middleware.services import Services
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _narrowing(options: RequestOptions | None) -> frozenset[str] | None:
     """The stage names a request allows, or None for all of the policy's."""
     if options is None or (options.stages is None and not options.disable):
         return None
-    allowed = frozenset(options.stages) if options.stages is not None else frozenset(STAGES)
+    allowed = frozenset(options.stages) if options.stages is not None else frozenset(known_stages())
     return allowed - frozenset(options.disable)
 
 

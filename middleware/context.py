@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from leangate.backend.client import BackendClient
 from leangate.middleware.protocol import (
+    REQUEST_MODELS,
     ROUTE_PATHS,
     ChatCompletionRequest,
     CompletionRequest,
     RequestOptions,
     Route,
 )
+from leangate.middleware.scope import RequestScope
+
+if TYPE_CHECKING:
+    from leangate.middleware.subrequests import SubRequests
 
 
 @dataclass(slots=True)
@@ -55,20 +60,27 @@ async def aclose_quietly(events: AsyncIterator[bytes]) -> None:
             await aclose()
 
 
+Request = ChatCompletionRequest | CompletionRequest
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One request as it travels through the pipeline.
 
-    ``body`` is the JSON that will be forwarded (without the ``leangate`` field); ``raw`` is
-    the client's exact bytes, forwarded verbatim as long as no stage replaced the body.
-    Stages change the request only through ``replace_body`` so the pipeline can undo a
-    failed stage's change.
+    ``body`` is the JSON that will be forwarded (without the ``leangate`` field) and
+    ``request`` its validated form; ``raw`` is the client's exact bytes, forwarded verbatim
+    as long as no stage replaced the body. Stages change the request only through
+    ``replace_body``, which keeps the three consistent (so routing follows a changed model
+    or prompt) and lets the pipeline undo a failed stage's change.
+
+    ``scope`` lives as long as the client's request and is shared with the contexts
+    ``derive`` makes for sub-requests.
     """
 
     route: Route
     body: dict[str, Any]
     raw: bytes | None
-    request: ChatCompletionRequest | CompletionRequest
+    request: Request
     tenant: str
     backend: BackendClient
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -77,11 +89,9 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
-    pause_budget: Callable[[], contextlib.AbstractAsyncContextManager[None]] = field(
-        default=contextlib.nullcontext
-    )
-    """``async with ctx.pause_budget():`` stops the running stage's budget clock (set by
-    the pipeline's guard)."""
+    scope: RequestScope = field(default_factory=RequestScope)
+    parent: RequestContext | None = None
+    """The client's request, for a context made by ``derive``."""
 
     @property
     def model(self) -> str:
@@ -95,9 +105,56 @@ class RequestContext:
     def path(self) -> str:
         return ROUTE_PATHS[self.route]
 
+    @property
+    def subrequests(self) -> SubRequests:
+        """Backend calls the running stage makes on behalf of this request (see
+        ``middleware/subrequests.py``)."""
+        from leangate.middleware.subrequests import SubRequests
+
+        return SubRequests(self)
+
+    def pause_budget(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """``async with ctx.pause_budget():`` stops the running stage's budget clock while
+        it waits for something that is not its own work (another request's answer)."""
+        from leangate.middleware.pipeline import current_frame
+
+        frame = current_frame()
+        return contextlib.nullcontext() if frame is None else frame.clock.waiting()
+
     def replace_body(self, body: dict[str, Any]) -> None:
-        self.body = body
-        self.raw = None
+        """Forward ``body`` instead; raises ``pydantic.ValidationError`` if it is not a
+        valid request (inside a stage, that fails the stage open)."""
+        request = REQUEST_MODELS[self.route].model_validate(body)
+        self.body, self.raw, self.request = body, None, request
+
+    def snapshot(self) -> tuple[dict[str, Any], bytes | None, Request]:
+        return self.body, self.raw, self.request
+
+    def restore(self, saved: tuple[dict[str, Any], bytes | None, Request]) -> None:
+        self.body, self.raw, self.request = saved
+
+    def derive(self, body: dict[str, Any], route: Route | None = None) -> RequestContext:
+        """A context for a sub-request made on behalf of this one: same tenant, options,
+        headers and scope; the model is this request's unless ``body`` names one."""
+        if "model" not in body:
+            body = {**body, "model": self.model}
+        route = route or self.route
+        return RequestContext(
+            route=route,
+            body=body,
+            raw=None,
+            request=REQUEST_MODELS[route].model_validate(body),
+            tenant=self.tenant,
+            backend=self.backend,
+            headers=self.headers,
+            options=self.options,
+            scope=self.scope,
+            parent=self.root,
+        )
+
+    @property
+    def root(self) -> RequestContext:
+        return self if self.parent is None else self.parent
 
     def body_bytes(self) -> bytes:
         if self.raw is None:
@@ -105,11 +162,13 @@ class RequestContext:
         return self.raw
 
     def affinity_key(self, chars: int) -> bytes | None:
-        """The start of the prompt, so requests sharing a prefix share a replica."""
+        """The start of the client's prompt, so that requests sharing a prefix (and every
+        sub-request of one request) share a replica and its prefix cache."""
         if chars <= 0:
             return None
-        if isinstance(self.request, ChatCompletionRequest):
-            head = "".join(str(m.content) for m in self.request.messages[:2])
+        request = self.root.request
+        if isinstance(request, ChatCompletionRequest):
+            head = "".join(str(m.content) for m in request.messages[:2])
         else:
-            head = str(self.request.prompt)
+            head = str(request.prompt)
         return head[:chars].encode()

@@ -6,7 +6,8 @@ come from the tree in ``leangate.backend.errors``, edge errors from ``ProxyError
     ProxyError                     the request itself is at fault
     ├── InvalidRequest             malformed JSON, missing or invalid fields   → 400
     ├── Unauthorized               missing or unknown API key                  → 401
-    └── PayloadTooLarge            body over the configured limit              → 413
+    ├── PayloadTooLarge            body over the configured limit              → 413
+    └── ClientGone                 the client left before its answer (never sent) → 499
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class Unauthorized(ProxyError):
 class PayloadTooLarge(ProxyError):
     status_code = 413
     code = "request_too_large"
+
+
+class ClientGone(ProxyError):
+    """Counted in /metrics as 499 (nginx's "client closed request"); nobody reads it."""
+
+    status_code = 499
+    code = "client_closed_request"
 
 
 def error_payload(message: str, error_type: str, code: str | int | None) -> bytes:

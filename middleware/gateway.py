@@ -5,8 +5,7 @@ The ASGI app (``app.py``) and the in-process SDK both drive this class.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -14,14 +13,13 @@ from pydantic import ValidationError
 
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import ModelNotFound
-from leangate.backend.sse import iter_events
-from leangate.backend.transport import UpstreamResponse
 from leangate.middleware.chains import ChainBook
-from leangate.middleware.context import JsonResult, RequestContext, Result, StreamResult
+from leangate.middleware.context import RequestContext, Result
+from leangate.middleware.endpoint import forward
 from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_validation_error
 from leangate.middleware.policy import Policy
 from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
-from leangate.middleware.registry import STAGES
+from leangate.middleware.registry import known_stages
 from leangate.middleware.services import Services
 
 NO_OPTIONS = RequestOptions()
@@ -34,21 +32,31 @@ class Gateway:
 
     def __init__(self, services: Services, policy: Policy) -> None:
         self.services = services
-        self.book = ChainBook(policy, services, self.forward)
+        self.book = ChainBook(policy, services, forward)
 
     @property
     def backend(self) -> BackendClient:
         return self.services.backend
 
     def use_policy(self, policy: Policy) -> None:
-        self.book = ChainBook(policy, self.services, self.forward)
+        self.book = ChainBook(policy, self.services, forward)
 
     async def run(
         self, route: Route, body: bytes, headers: Mapping[str, str]
     ) -> tuple[Result, RequestContext]:
+        """Prepare and execute in one go; the caller must ``await ctx.scope.aclose()`` once
+        the result was sent or dropped."""
         ctx = self.prepare(route, body, headers)
-        chain = self.book.chain_for(route, ctx.model, ctx.tenant, ctx.options)
-        return await chain(ctx), ctx
+        return await self.execute(ctx), ctx
+
+    async def execute(self, ctx: RequestContext) -> Result:
+        """Run the request's chain; on failure its scope is closed here."""
+        chain = self.book.chain_for(ctx.route, ctx.model, ctx.tenant, ctx.options)
+        try:
+            return await chain(ctx)
+        except BaseException:
+            await ctx.scope.aclose()
+            raise
 
     def prepare(self, route: Route, body: bytes, headers: Mapping[str, str]) -> RequestContext:
         data = _parse_object(body)
@@ -76,27 +84,6 @@ class Gateway:
             headers=headers,
             options=options,
         )
-
-    async def forward(self, ctx: RequestContext) -> Result:
-        """The end of every chain: send the request to the backend as it now stands."""
-        response = await self.backend.send(
-            ctx.path,
-            ctx.body_bytes(),
-            model=ctx.model,
-            stream=ctx.stream,
-            affinity_key=partial(ctx.affinity_key, self.backend.settings.affinity_prefix_chars),
-        )
-        if not ctx.stream:
-            return JsonResult(await response.read())
-        return StreamResult(_relay(response))
-
-
-async def _relay(response: UpstreamResponse) -> AsyncIterator[bytes]:
-    try:
-        async for payload in iter_events(response.iter_chunks()):
-            yield payload
-    finally:
-        await response.aclose()
 
 
 def _parse_object(body: bytes) -> dict[str, Any]:
@@ -132,7 +119,7 @@ def _options(field: object, headers: Mapping[str, str]) -> RequestOptions:
         names = [] if only.strip() == "none" else _split(only)
         stages = names if stages is None else [n for n in stages if n in names]
     turned_off = [*options.disable, *_split(disable or "")]
-    unknown = [n for n in (stages or []) + turned_off if n not in STAGES]
+    unknown = [n for n in (stages or []) + turned_off if n not in known_stages()]
     if unknown:
         raise InvalidRequest(f"leangate: unknown stage(s) {unknown}", code="unknown_stage")
     return options.model_copy(update={"stages": stages, "disable": turned_off})

@@ -57,12 +57,32 @@ class Metrics:
         self.cache_errors = Counter(
             "leangate_cache_errors", "Result cache store failures", ["operation"], registry=r
         )
+        self.subrequests = Counter(
+            "leangate_subrequests",
+            "Backend calls stages made on behalf of a request",
+            ["stage", "kind", "outcome"],
+            registry=r,
+        )
+        self.subrequest_tokens = Counter(
+            "leangate_subrequest_tokens",
+            "Tokens of the backend calls stages made on behalf of a request",
+            ["stage", "type"],
+            registry=r,
+        )
 
     def stage_timed(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
 
     def stage_failed_open(self, stage: str, reason: str) -> None:
         self.failed_open.labels(stage, reason).inc()
+
+    def subrequest_done(self, stage: str, kind: str, outcome: str, usage: object) -> None:
+        self.subrequests.labels(stage, kind, outcome).inc()
+        if isinstance(usage, dict):
+            for field in ("prompt_tokens", "completion_tokens"):
+                count = usage.get(field)
+                if isinstance(count, int) and count > 0:
+                    self.subrequest_tokens.labels(stage, field.removesuffix("_tokens")).inc(count)
 
     def request_done(self, route: str, status: int, seconds: float) -> None:
         """Count an answered request; label children are cached (the hot path)."""

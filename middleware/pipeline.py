@@ -2,17 +2,23 @@
 
 A stage is ``async (ctx, call_next) -> Result``. It may change the request before calling
 ``call_next``, answer without calling it (a cache hit), call it and change the result, or
-call the backend itself, several times at once. ``build_chain`` wraps every stage in a
-``Guard`` that times it and makes it fail open:
+call the backend itself, several times at once, through ``ctx.subrequests``.
+``build_chain`` wraps every stage in a ``Guard`` that times it and makes it fail open:
 
-- an exception or a time-budget overrun *before* the stage called ``call_next`` undoes its
-  change to the request and continues with the rest of the chain, as if the stage were off;
-- the same *after* ``call_next`` returned gives back what ``call_next`` returned;
-- an error raised *by* ``call_next`` (the backend's) passes through untouched.
+- an exception or a time-budget overrun before the stage got the request's answer undoes
+  its change to the request and runs the rest of the chain as if the stage were off;
+- the same after ``call_next(ctx)`` returned the request's answer gives back that answer;
+- an error raised by ``call_next(ctx)`` (the backend's, for this request) reaches the stage
+  as it is, so ``except BackendError`` works; if the stage lets it through, so does the
+  guard.
 
-The budget counts only the stage's own time: the clock stops while ``call_next`` runs,
-and while the stage waits inside ``async with ctx.pause_budget():`` (for another request's
-answer, say).
+Only ``call_next(ctx)`` with the stage's own ``ctx`` produces the request's answer. A call
+with a derived context (``ctx.derive(...)``, a sub-request through the rest of the chain) is
+the stage's business: if the stage then fails, its sub-answers are never sent.
+
+The budget counts only the stage's own time: wall time minus the union of its waits
+(``call_next``, sub-requests, and ``async with ctx.pause_budget():``), correct when waits
+overlap.
 """
 
 from __future__ import annotations
@@ -22,10 +28,17 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from leangate.middleware.context import RequestContext, Result
+from leangate.middleware.context import (
+    JsonResult,
+    RequestContext,
+    Result,
+    StreamResult,
+    aclose_quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,44 +67,90 @@ class NullObserver:
         pass
 
 
-class _DownstreamError(Exception):
-    """Carries an exception raised by ``call_next`` through the stage untouched."""
+class StageClock:
+    """A stage's own time: wall time minus the union of the intervals it spends waiting.
 
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(repr(error))
-        self.error = error
+    Waits may overlap (eight sub-requests at once): the clock stops when the first starts
+    and runs again when the last ends. While it is stopped the budget's deadline is off;
+    when it runs again the deadline is what is left of the budget. After the guard
+    returned (``detach``), waits are still accounted but no deadline is moved.
+    """
 
+    __slots__ = ("_deadline", "_wait_started", "_waiting", "budget_s", "started", "waited_s")
 
-@dataclass
-class _Run:
-    """Bookkeeping for one pass of a request through one guarded stage."""
+    def __init__(self, budget_s: float | None, deadline: asyncio.Timeout | None) -> None:
+        self.budget_s = budget_s
+        self._deadline = deadline
+        self.started = time.perf_counter()
+        self.waited_s = 0.0
+        self._waiting = 0
+        self._wait_started = 0.0
 
-    downstream_s: float = 0.0
-    result: Result | None = None
-    called: bool = False
+    def own_s(self) -> float:
+        now = time.perf_counter()
+        waited = self.waited_s + (now - self._wait_started if self._waiting else 0.0)
+        return now - self.started - waited
 
+    def enter_wait(self) -> None:
+        if self._waiting == 0:
+            self._wait_started = time.perf_counter()
+            if self._deadline is not None:
+                self._deadline.reschedule(None)
+        self._waiting += 1
 
-Pauser = Callable[[], contextlib.AbstractAsyncContextManager[None]]
-
-
-def _pauser(deadline: asyncio.Timeout, run: _Run) -> Pauser:
-    """A context manager factory that stops the stage's clock while its body runs."""
+    def leave_wait(self) -> None:
+        self._waiting -= 1
+        if self._waiting:
+            return
+        self.waited_s += time.perf_counter() - self._wait_started
+        if self._deadline is not None and self.budget_s is not None:
+            left = max(self.budget_s - self.own_s(), 0.0)
+            self._deadline.reschedule(asyncio.get_running_loop().time() + left)
 
     @contextlib.asynccontextmanager
-    async def pause() -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        when = deadline.when()
-        remaining = None if when is None else when - loop.time()
-        deadline.reschedule(None)
-        entered = time.perf_counter()
+    async def waiting(self) -> AsyncIterator[None]:
+        self.enter_wait()
         try:
             yield
         finally:
-            run.downstream_s += time.perf_counter() - entered
-            if remaining is not None:
-                deadline.reschedule(loop.time() + max(remaining, 0.0))
+            self.leave_wait()
 
-    return pause
+    def detach(self) -> None:
+        self._deadline = None
+
+
+@dataclass(eq=False)
+class StageFrame:
+    """One stage running for one request: what its sub-requests and streams need."""
+
+    stage: str
+    ctx: RequestContext
+    clock: StageClock
+    next_handler: Handler
+    observer: StageObserver
+    saved: tuple[object, ...] = ()
+    """The request as the stage received it (``ctx.snapshot()``), for failing open."""
+    answers: list[Result] = field(default_factory=list)
+    pending: int = 0
+    downstream_errors: list[BaseException] = field(default_factory=list)
+
+    def failed_open(self, reason: str, exc: BaseException) -> None:
+        log.warning("stage %s failed open (%s): %r", self.stage, reason, exc)
+        self.observer.stage_failed_open(self.stage, reason)
+        self.ctx.events.append(f"{self.stage}:failed-open:{reason}")
+
+    async def as_if_off(self) -> Result:
+        """The rest of the chain, with the request the stage received."""
+        self.ctx.restore(self.saved)  # type: ignore[arg-type]
+        return await self.next_handler(self.ctx)
+
+
+_FRAME: ContextVar[StageFrame | None] = ContextVar("leangate_stage_frame", default=None)
+
+
+def current_frame() -> StageFrame | None:
+    """The stage running in this task (tasks a stage starts inherit it)."""
+    return _FRAME.get()
 
 
 class Guard:
@@ -110,57 +169,72 @@ class Guard:
         self.observer = observer
 
     async def __call__(self, ctx: RequestContext) -> Result:
-        run = _Run()
-        body, raw, outer_pause = ctx.body, ctx.raw, ctx.pause_budget
-        started = time.perf_counter()
+        frame: StageFrame | None = None
         try:
             async with asyncio.timeout(self.budget_s) as deadline:
-                pause = _pauser(deadline, run)
-                ctx.pause_budget = pause
-                result = await self.stage(ctx, self._downstream(run, pause))
-        except _DownstreamError as exc:
-            raise exc.error from None
-        except (Exception, TimeoutError) as exc:
-            return await self._fail_open(ctx, run, body, raw, exc)
+                frame = StageFrame(
+                    self.stage.name,
+                    ctx,
+                    StageClock(self.budget_s, deadline),
+                    self.next_handler,
+                    self.observer,
+                    ctx.snapshot(),
+                )
+                token = _FRAME.set(frame)
+                try:
+                    result = await self.stage(ctx, self._downstream(frame))
+                finally:
+                    _FRAME.reset(token)
+        except Exception as exc:  # TimeoutError included: the budget ran out
+            if frame is None:
+                raise
+            if any(exc is error for error in frame.downstream_errors):
+                raise
+            return await self._fail_open(frame, exc)
         finally:
-            ctx.pause_budget = outer_pause
-            own = time.perf_counter() - started - run.downstream_s
-            ctx.timings[self.stage.name] = own
-            self.observer.stage_timed(self.stage.name, own)
+            if frame is not None:
+                frame.clock.detach()
+                own = frame.clock.own_s()
+                ctx.timings[self.stage.name] = own
+                self.observer.stage_timed(self.stage.name, own)
         return result
 
-    def _downstream(self, run: _Run, pause: Pauser) -> Handler:
+    def _downstream(self, frame: StageFrame) -> Handler:
         async def call_next(next_ctx: RequestContext) -> Result:
-            run.called = True
+            own = next_ctx is frame.ctx
+            frame.pending += own
+            frame.clock.enter_wait()
             try:
-                async with pause():
-                    run.result = await self.next_handler(next_ctx)
+                result = await self.next_handler(next_ctx)
             except Exception as exc:
-                raise _DownstreamError(exc) from exc
+                if own:
+                    frame.downstream_errors.append(exc)
+                raise
             finally:
-                next_ctx.pause_budget = pause
-            return run.result
+                frame.clock.leave_wait()
+                frame.pending -= own
+            if own:
+                frame.answers.append(result)
+            elif isinstance(result, StreamResult):
+                next_ctx.scope.defer(_closer(result))
+            return result
 
         return call_next
 
-    async def _fail_open(
-        self,
-        ctx: RequestContext,
-        run: _Run,
-        body: dict[str, object],
-        raw: bytes | None,
-        exc: BaseException,
-    ) -> Result:
-        reason = "timeout" if isinstance(exc, TimeoutError) else "error"
-        log.warning("stage %s failed open (%s): %r", self.stage.name, reason, exc)
-        self.observer.stage_failed_open(self.stage.name, reason)
-        ctx.events.append(f"{self.stage.name}:failed-open:{reason}")
-        if run.result is not None:
-            return run.result
-        if run.called:
-            raise exc  # call_next is running or failed in a way we cannot recover from
-        ctx.body, ctx.raw = body, raw
-        return await self.next_handler(ctx)
+    async def _fail_open(self, frame: StageFrame, exc: Exception) -> Result:
+        frame.failed_open("timeout" if isinstance(exc, TimeoutError) else "error", exc)
+        if frame.pending:
+            raise exc  # the request's own answer is still being made: nothing to fall back on
+        if len(frame.answers) == 1:
+            return frame.answers[0]
+        for answer in frame.answers:
+            if isinstance(answer, StreamResult):
+                await aclose_quietly(answer.events)
+        return await frame.as_if_off()
+
+
+def _closer(result: StreamResult) -> Callable[[], Awaitable[None]]:
+    return lambda: aclose_quietly(result.events)
 
 
 def build_chain(
@@ -174,3 +248,16 @@ def build_chain(
     for stage, budget_s in reversed(stages):
         handler = Guard(stage, handler, budget_s, observer or NullObserver())
     return handler
+
+
+__all__ = [
+    "Guard",
+    "Handler",
+    "JsonResult",
+    "Stage",
+    "StageClock",
+    "StageFrame",
+    "StageObserver",
+    "build_chain",
+    "current_frame",
+]

@@ -1,13 +1,23 @@
-"""The table from stage name (as a policy writes it) to the class that implements it.
+"""From stage name (as a policy writes it) to the class that implements it.
 
-Classes are named by import string and imported only when a policy uses them, so that a
-stage's heavy dependencies (an embedding model, faiss) cost nothing to proxies that never
-run it.
+Stages are found through the ``leangate.stages`` entry-point group, so a package ships a
+stage by declaring it in its own metadata, without editing leangate::
+
+    [project.entry-points."leangate.stages"]
+    redact = "mypackage.redact:RedactStage"
+
+leangate's own stages are declared the same way in its ``pyproject.toml``; ``BUILTIN``
+repeats them for a source tree that was never installed. Classes are imported only when a
+policy uses them, so a stage's heavy dependencies (an embedding model, faiss) cost nothing
+to proxies that never run it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
+import logging
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -15,10 +25,29 @@ from pydantic import BaseModel
 from leangate.middleware.pipeline import Stage
 from leangate.middleware.services import Services
 
-STAGES: dict[str, str] = {
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "leangate.stages"
+BUILTIN: dict[str, str] = {
     "passthrough": "leangate.middleware.stages:PassThrough",
+    "example-fanout": "leangate.middleware.stages:ExampleFanout",
     "cache": "leangate.cache.stage:CacheStage",
 }
+
+
+@functools.cache
+def known_stages() -> dict[str, str]:
+    """Every stage name with its import string: the built-in ones, then entry points
+    (which may not shadow a built-in name)."""
+    table = dict(BUILTIN)
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in BUILTIN and entry.value != BUILTIN[entry.name]:
+            log.warning(
+                "ignoring stage entry point %s=%s: the name is built in", entry.name, entry.value
+            )
+            continue
+        table[entry.name] = entry.value
+    return table
 
 
 class StageClass(Protocol):
@@ -44,9 +73,17 @@ def import_from_string(target: str) -> Any:
 
 
 def stage_class(name: str) -> StageClass:
-    """The class registered under ``name``; a ``ValueError`` names the known stages."""
-    if name not in STAGES:
-        known = ", ".join(sorted(STAGES))
+    """The class registered under ``name``, or named by an import string
+    (``"package.module:Class"``); a ``ValueError`` names the known stages."""
+    stages = known_stages()
+    if name not in stages and ":" in name:
+        try:
+            found: StageClass = import_from_string(name)
+        except ImportError as exc:
+            raise ValueError(f"stage {name!r} cannot be imported: {exc}") from exc
+        return found
+    if name not in stages:
+        known = ", ".join(sorted(stages))
         raise ValueError(f"unknown stage {name!r}; known stages: {known}")
-    cls: StageClass = import_from_string(STAGES[name])
+    cls: StageClass = import_from_string(stages[name])
     return cls

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 import orjson
 
 from leangate.backend.client import BackendClient, BackendSettings
+from leangate.backend.tokenizer import Tokenizer
+from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
 from leangate.cache.stage import CacheSettings, CacheStage
 from leangate.cache.store import MemoryStore
@@ -22,7 +24,8 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperat
 def _stage() -> tuple[CacheStage, CacheServices, Metrics]:
     metrics = Metrics()
     cache = CacheServices(MemoryStore(), metrics)
-    services = Services(BackendClient(BackendSettings()), metrics, cache)
+    backend = BackendClient(BackendSettings())
+    services = Services(backend, metrics, cache, Embedder(), Tokenizer(backend))
     return CacheStage("cache", CacheSettings(), services), cache, metrics
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -12,7 +11,6 @@ import pytest
 from conftest import MODEL, ProxyThread
 from openai.types.chat import ChatCompletionMessageParam
 
-from leangate.backend.client import BackendClient, BackendSettings
 from leangate.bench.common import metric_total
 
 pytestmark = pytest.mark.integration
@@ -195,30 +193,3 @@ def test_client_disconnect_cancels_backend_request(proxy: ProxyThread, vllm_url:
     while _running_requests(vllm_url) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _running_requests(vllm_url) == 0
-
-
-async def test_backend_client_serves_stages_that_call_vllm_themselves(vllm_url: str) -> None:
-    """The calls a planning stage makes: several at once, plain and streamed."""
-    client = BackendClient(BackendSettings(urls=[vllm_url]))
-    await client.start()
-    try:
-        payload = {"model": MODEL, "max_tokens": 6, "temperature": 0}
-        questions = ["Name a fruit.", "Name a color.", "Name a city."]
-        answers = await asyncio.gather(
-            *(
-                client.complete(
-                    "/v1/chat/completions",
-                    {**payload, "messages": [{"role": "user", "content": q}]},
-                )
-                for q in questions
-            )
-        )
-        assert all(a["choices"][0]["message"]["content"] for a in answers)
-        first = {**payload, "messages": [{"role": "user", "content": questions[0]}]}
-        events = [json.loads(e) async for e in client.stream("/v1/chat/completions", first)]
-        streamed = "".join(
-            e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
-        )
-        assert streamed == answers[0]["choices"][0]["message"]["content"]
-    finally:
-        await client.aclose()
