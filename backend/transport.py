@@ -14,6 +14,7 @@ failure paths drive the client through ``httpx.MockTransport``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -96,11 +97,17 @@ def _aiohttp_error(exc: BaseException) -> BackendError:
     return BackendProtocolError(f"{type(exc).__name__}: {exc}")
 
 
+_END_OF_STREAM = b"[DONE]"
+END_GRACE_S = 0.5
+"""How long ``aclose`` waits for the end of a body whose last event was ``[DONE]``."""
+
+
 class _AiohttpResponse(UpstreamResponse):
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
         self.headers = response.headers
+        self._last_chunk = b""
 
     async def read(self) -> bytes:
         try:
@@ -113,15 +120,37 @@ class _AiohttpResponse(UpstreamResponse):
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.content.iter_any():
+                self._last_chunk = chunk
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _aiohttp_error(exc) from exc
 
     async def aclose(self) -> None:
-        if not self._response.content.at_eof():
-            self._response.close()  # drop the socket so the server sees the disconnect
-        else:
-            self._response.release()
+        """Return the connection to the pool if the body was read to its end, else drop it,
+        so that the server sees the disconnect and aborts the request.
+
+        A reader of a stream stops at ``[DONE]``, but vLLM writes the end of the chunked
+        body separately, so it has often not arrived yet: closing then would cost every
+        stream a new connection. When the last bytes read were ``[DONE]`` (and the task is
+        not being cancelled), the end of the body is awaited for up to ``END_GRACE_S``.
+        """
+        content = self._response.content
+        try:
+            if not content.at_eof() and self._stream_finished():
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                    async with asyncio.timeout(END_GRACE_S):
+                        await content.readany()  # b"" at the end of the body, else data
+        finally:
+            if content.at_eof():
+                self._response.release()
+            else:
+                self._response.close()
+
+    def _stream_finished(self) -> bool:
+        task = asyncio.current_task()
+        return (task is None or not task.cancelling()) and self._last_chunk[-16:].rstrip().endswith(
+            _END_OF_STREAM
+        )
 
 
 class AiohttpTransport(Transport):

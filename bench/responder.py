@@ -7,7 +7,13 @@ its own latency is as small and steady as Python allows.  It answers
 * ``GET /health`` and ``GET /v1/models`` (one model, ``--model``);
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: a small fixed answer,
   or with ``"stream": true`` a few SSE chunks (chunked transfer encoding) followed
-  by ``data: [DONE]``.  The model name is echoed from the request.
+  by ``data: [DONE]``.  The model name is echoed from the request;
+* ``GET /stats``: connections accepted and requests answered so far, so a benchmark
+  can tell how many backend connections a proxy opens per request.
+
+Like vLLM (whose uvicorn writes the end of a chunked body on its own), the chunked
+body's terminator is written separately, after ``data: [DONE]``: a client that stops
+reading at ``[DONE]`` has not reached the end of the body yet.
 
 Run: ``python -m leangate.bench.responder --port P [--model NAME]``.
 """
@@ -41,6 +47,9 @@ class ResponderConfig:
     # Delay between SSE chunks after the first one: makes a proxy that buffers a
     # stream visible in time-to-first-token.  0 sends the whole stream at once.
     chunk_interval_ms: float = 0.0
+    # Delay between "data: [DONE]" and the end of the chunked body; None: as any chunk
+    # (unpaced: the next turn of the event loop).
+    end_delay_ms: float | None = None
 
 
 def _response(
@@ -71,11 +80,29 @@ def _sse(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=_COMPACT).encode() + b"\n\n"
 
 
+_END_OF_BODY = b"0\r\n\r\n"
+
+
+@dataclass
+class ResponderStats:
+    """What the responder has seen; served as JSON by ``GET /stats``."""
+
+    connections_opened: int = 0
+    requests: int = 0
+    streams: int = 0
+    streams_cut: int = 0
+    """Streams whose client went away before the end of the body."""
+
+    def as_json(self) -> bytes:
+        return json.dumps(self.__dict__, separators=_COMPACT).encode()
+
+
 class Responder:
     """Builds the OpenAI-shaped bodies; independent of the transport."""
 
     def __init__(self, config: ResponderConfig) -> None:
         self.config = config
+        self.stats = ResponderStats()
         self._counter = 0
         words = config.completion_text.split(" ")
         n = max(1, min(config.stream_chunks, len(words)))
@@ -200,6 +227,7 @@ class _HTTPProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement, but do not subclass, asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
+        self._responder.stats.connections_opened += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -257,10 +285,13 @@ class _HTTPProtocol(asyncio.Protocol):
         self, transport: asyncio.Transport, method: bytes, path: bytes, body: bytes, close: bool
     ) -> None:
         responder = self._responder
+        responder.stats.requests += 1
         if path == b"/health":
             transport.write(responder.health_response)
         elif path == b"/v1/models":
             transport.write(responder.models_response)
+        elif path == b"/stats":
+            transport.write(_response(200, responder.stats.as_json(), close=close))
         elif path in (b"/v1/chat/completions", b"/v1/completions"):
             if method != b"POST":
                 transport.write(_error(405, "use POST", close))
@@ -289,28 +320,40 @@ class _HTTPProtocol(asyncio.Protocol):
         self._stream(transport, events, close)
 
     def _stream(self, transport: asyncio.Transport, events: list[bytes], close: bool) -> None:
+        """Unpaced: all events in one write; paced: one event per interval. Either way
+        the end of the body follows in a write of its own."""
+        self._responder.stats.streams += 1
         head = _STREAM_HEAD + (b"connection: close\r\n" if close else b"") + b"\r\n"
         interval = self._responder.config.chunk_interval_ms / 1000.0
         if interval <= 0:
-            transport.write(head + b"".join(_chunk(e) for e in events) + b"0\r\n\r\n")
-            return
-        transport.write(head + _chunk(events[0]))
-        rest = [_chunk(e) for e in events[1:]] + [b"0\r\n\r\n"]
+            transport.write(head + b"".join(_chunk(e) for e in events))
+            rest = [_END_OF_BODY]
+        else:
+            transport.write(head + _chunk(events[0]))
+            rest = [_chunk(e) for e in events[1:]] + [_END_OF_BODY]
         self._streaming = True
-        self._loop.call_later(interval, self._continue_stream, transport, rest, interval)
+        self._schedule(transport, rest, interval)
+
+    def _schedule(self, transport: asyncio.Transport, rest: list[bytes], interval: float) -> None:
+        delay = interval
+        end_delay_ms = self._responder.config.end_delay_ms
+        if len(rest) == 1 and end_delay_ms is not None:
+            delay = end_delay_ms / 1000.0
+        if delay > 0:
+            self._loop.call_later(delay, self._continue_stream, transport, rest, interval)
+        else:
+            self._loop.call_soon(self._continue_stream, transport, rest, interval)
 
     def _continue_stream(
         self, transport: asyncio.Transport, rest: list[bytes], interval: float
     ) -> None:
         if transport.is_closing():
+            self._responder.stats.streams_cut += 1
             self._streaming = False
             return
-        piece = rest.pop(0)
-        if len(rest) == 1:
-            piece += rest.pop()  # "data: [DONE]" and the end of the body together
-        transport.write(piece)
+        transport.write(rest.pop(0))
         if rest:
-            self._loop.call_later(interval, self._continue_stream, transport, rest, interval)
+            self._schedule(transport, rest, interval)
             return
         self._streaming = False
         if self._close_after_stream:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -98,3 +100,28 @@ async def test_invalid_json_is_400_and_health(client: openai.AsyncOpenAI) -> Non
         assert "error" in bad.json()
         health = await raw.get(str(client.base_url).replace("/v1/", "/health"))
         assert health.status_code == 200
+
+
+async def test_the_end_of_a_stream_body_is_a_write_of_its_own() -> None:
+    """Like vLLM: ``data: [DONE]`` arrives before the chunked body's terminator."""
+    server = await start_responder(ResponderConfig(end_delay_ms=100.0))
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        body = b'{"model":"m","messages":[],"stream":true}'
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        received = await reader.readuntil(b"data: [DONE]\n\n\r\n")
+        assert b"\r\n0\r\n\r\n" not in received
+        assert await asyncio.wait_for(reader.readexactly(5), 1.0) == b"0\r\n\r\n"
+        writer.write(b"GET /stats HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        stats = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+    assert stats == {"connections_opened": 1, "requests": 2, "streams": 1, "streams_cut": 0}
