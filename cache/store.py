@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import heapq
 import itertools
-import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from cachetools import Cache, TLRUCache
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.exceptions import RedisError
 
 EVENTS_MAXLEN = 100_000
+READ_COUNT = 500
+"""Events returned by one read, at most (both stores)."""
 
 
 class StoreError(Exception):
@@ -166,7 +172,7 @@ class RedisStore(Store):
 
     async def read_events(self, stream: str, after: str, block_ms: int) -> list[Event]:
         try:
-            answer = await self._blocking.xread({stream: after}, count=500, block=block_ms)
+            answer = await self._blocking.xread({stream: after}, count=READ_COUNT, block=block_ms)
         except RedisError as exc:
             raise StoreError(str(exc)) from exc
         events = []
@@ -185,78 +191,174 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class MemoryStoreSettings(BaseSettings):
+    """Bounds of the in-process store (``LEANGATE_MEMORY_STORE_*``).
+
+    Values beyond a bound go least recently used first, as in a Redis with ``maxmemory``
+    and ``allkeys-lru``; the event log keeps its newest events, like a capped stream.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LEANGATE_MEMORY_STORE_", extra="ignore")
+
+    max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Values, keys and a per-entry overhead estimate, together."""
+    max_entries: int = Field(100_000, gt=0)
+    """Values, and members of each sorted index."""
+    max_events: int = Field(EVENTS_MAXLEN, gt=0)
+    """Events kept per stream."""
+
+
+ENTRY_OVERHEAD_BYTES = 240
+"""Roughly what one cached value costs beyond its key and value bytes (dict slots, the
+cache's bookkeeping objects, a tuple)."""
+
+
+class _Value(NamedTuple):
+    data: bytes
+    ttl_s: float
+    size: int
+
+
+def _expires(key: str, value: _Value, now: float) -> float:
+    return now + value.ttl_s
+
+
+def _size(value: _Value) -> int:
+    return value.size
+
+
+class _Values(TLRUCache[str, _Value]):
+    """Per-value TTLs (expired values go on every write, not only when read), bounded by
+    bytes through ``getsizeof`` and by count here."""
+
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        super().__init__(max_bytes, _expires, getsizeof=_size)
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: str, value: _Value) -> None:
+        super().__setitem__(key, value)  # expires what is due, then evicts by bytes
+        while Cache.__len__(self) > self.max_entries:  # len() would sweep expiry again
+            self.popitem()
+
+
+class _SortedIndex:
+    """A sorted set's members by score, with the oldest found through a heap (stale heap
+    rows, left by re-scored or popped members, are skipped and compacted away)."""
+
+    def __init__(self, max_members: int) -> None:
+        self.scores: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._max = max_members
+
+    def add(self, member: str, score: float) -> None:
+        self.scores[member] = score
+        heapq.heappush(self._heap, (score, member))
+        if len(self._heap) > 2 * len(self.scores) + 64:
+            self._heap = [(s, m) for m, s in self.scores.items()]
+            heapq.heapify(self._heap)
+        if len(self.scores) > self._max:
+            self.pop_oldest(len(self.scores) - self._max)
+
+    def pop_oldest(self, count: int) -> list[str]:
+        popped: list[str] = []
+        while self._heap and len(popped) < count:
+            score, member = heapq.heappop(self._heap)
+            if self.scores.get(member) == score:
+                del self.scores[member]
+                popped.append(member)
+        return popped
+
+
 class MemoryStore(Store):
-    """The embedded default: the same interface in this process's memory."""
+    """The embedded default: the same interface in this process's memory, bounded."""
 
     kind = "memory"
 
-    def __init__(self) -> None:
-        self._values: dict[str, tuple[bytes, float]] = {}
-        self._indexes: dict[str, dict[str, float]] = {}
-        self._events: dict[str, list[Event]] = {}
+    def __init__(self, settings: MemoryStoreSettings | None = None) -> None:
+        self.settings = settings or MemoryStoreSettings()
+        self._values = _Values(self.settings.max_bytes, self.settings.max_entries)
+        self._indexes: dict[str, _SortedIndex] = {}
+        self._events: dict[str, deque[tuple[int, Event]]] = {}
         self._counter = itertools.count(1)
         self._new_event = asyncio.Event()
 
+    def __len__(self) -> int:
+        """Values held (expired ones included until the next write sweeps them)."""
+        return len(self._values)
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self._values.currsize)
+
     async def get(self, key: str) -> bytes | None:
         found = self._values.get(key)
-        if found is None:
-            return None
-        if found[1] < time.monotonic():
-            del self._values[key]
-            return None
-        return found[0]
+        return None if found is None else found.data
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        self._values[key] = (value, time.monotonic() + ttl_s)
+        size = len(value) + len(key) + ENTRY_OVERHEAD_BYTES
+        if size > self.settings.max_bytes:
+            self._values.pop(key, None)  # larger than the whole store: not kept
+            return
+        self._values[key] = _Value(value, ttl_s, size)
 
     async def delete(self, *keys: str) -> int:
         return sum(self._values.pop(k, None) is not None for k in keys)
 
     async def exists(self, keys: list[str]) -> list[bool]:
-        return [await self.get(key) is not None for key in keys]
+        return [key in self._values for key in keys]
 
     async def scan(self, pattern: str) -> AsyncIterator[str]:
-        now = time.monotonic()
-        for key, (_, expires) in list(self._values.items()):
-            if expires >= now and fnmatch.fnmatchcase(key, pattern):
+        for key in list(self._values):
+            if fnmatch.fnmatchcase(key, pattern):
                 yield key
 
     async def index_add(self, index: str, member: str, score: float) -> int:
-        entries = self._indexes.setdefault(index, {})
-        entries[member] = score
-        return len(entries)
+        entries = self._indexes.get(index)
+        if entries is None:
+            entries = self._indexes[index] = _SortedIndex(self.settings.max_entries)
+        entries.add(member, score)
+        return len(entries.scores)
 
     async def index_pop_oldest(self, index: str, count: int) -> list[str]:
-        entries = self._indexes.get(index, {})
-        oldest = sorted(entries, key=entries.__getitem__)[:count]
-        for member in oldest:
-            del entries[member]
-        return oldest
+        entries = self._indexes.get(index)
+        return [] if entries is None else entries.pop_oldest(count)
 
     async def publish(self, stream: str, op: str, key: str) -> None:
-        self._events.setdefault(stream, []).append(Event(f"{next(self._counter)}-0", op, key))
+        events = self._events.get(stream)
+        if events is None:
+            events = self._events[stream] = deque(maxlen=self.settings.max_events)
+        seq = next(self._counter)
+        events.append((seq, Event(f"{seq}-0", op, key)))
         self._new_event.set()
         self._new_event = asyncio.Event()
 
     async def last_event_id(self, stream: str) -> str:
         events = self._events.get(stream)
-        return events[-1].id if events else "0-0"
+        return events[-1][1].id if events else "0-0"
 
     async def read_events(self, stream: str, after: str, block_ms: int) -> list[Event]:
-        def newer() -> list[Event]:
-            seq = int(after.split("-")[0])
-            return [e for e in self._events.get(stream, []) if int(e.id.split("-")[0]) > seq]
-
-        found = newer()
+        found = self._newer(stream, after)
         if not found and block_ms > 0:
             waiter = self._new_event
             try:
                 await asyncio.wait_for(waiter.wait(), block_ms / 1000)
             except TimeoutError:
                 return []
-            found = newer()
+            found = self._newer(stream, after)
         return found
 
+    def _newer(self, stream: str, after: str) -> list[Event]:
+        """Up to ``READ_COUNT`` events after ``after``, walking back from the newest only
+        as far as needed (a follower that keeps up reads a handful, not the whole log)."""
+        events = self._events.get(stream)
+        if not events:
+            return []
+        seq = int(after.split("-")[0])
+        newer = [event for _, event in itertools.takewhile(lambda e: e[0] > seq, reversed(events))]
+        newer.reverse()
+        return newer[:READ_COUNT]
 
-def open_store(redis_url: str | None) -> Store:
-    return RedisStore(redis_url) if redis_url else MemoryStore()
+
+def open_store(redis_url: str | None, memory: MemoryStoreSettings | None = None) -> Store:
+    """Redis if a URL is given, else the bounded in-process store."""
+    return RedisStore(redis_url) if redis_url else MemoryStore(memory)

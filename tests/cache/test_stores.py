@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from leangate.cache.intermediate import IntermediateCache
 from leangate.cache.purge import purge
 from leangate.cache.semantic import Entry, SemanticCache
 from leangate.cache.services import CacheServices
-from leangate.cache.store import MemoryStore, RedisStore, Store
+from leangate.cache.store import READ_COUNT, MemoryStore, MemoryStoreSettings, RedisStore, Store
 from leangate.middleware.metrics import Metrics
 
 
@@ -146,3 +147,59 @@ async def test_semantic_cache_starts_once_redis_is_back(
         await cache.close()
         redis_process.kill()
         redis_process.wait()
+
+
+# --- the in-process store's bounds -----------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_memory_store_holds_its_bounds_under_a_million_inserts() -> None:
+    bounds = MemoryStoreSettings(max_bytes=1_000_000, max_entries=3_000, max_events=1_000)
+    store = MemoryStore(bounds)
+    for n in range(1_000_000):
+        await store.set(f"lg:t:n:ans:{n}", b"%d" % n, ttl_s=3600)
+        if n % 50_000 == 0:
+            assert len(store) <= bounds.max_entries
+            assert store.bytes_used <= bounds.max_bytes
+    assert len(store) == bounds.max_entries, "the entry bound, not the byte bound, binds here"
+    assert await store.get("lg:t:n:ans:999999") == b"999999"
+    assert await store.get("lg:t:n:ans:0") is None, "the least recently used went first"
+    big = b"x" * 10_000
+    for n in range(1_000):
+        await store.set(f"big:{n}", big, ttl_s=3600)
+    assert store.bytes_used <= bounds.max_bytes and len(store) < 100, "the byte bound binds"
+    assert await store.get("big:999") == big
+
+
+async def test_memory_store_expires_on_write_too() -> None:
+    store = MemoryStore()
+    for n in range(100):
+        await store.set(f"short:{n}", b"v", ttl_s=0.05)
+    await asyncio.sleep(0.06)
+    await store.set("other", b"w", ttl_s=60)
+    assert len(store) == 1, "expired values went without anybody reading them"
+
+
+async def test_memory_event_log_is_capped_and_read_from_its_end() -> None:
+    store = MemoryStore(MemoryStoreSettings(max_events=100_000))
+    for n in range(150_000):
+        await store.publish("ev", "add", f"k{n}")
+    first = await store.read_events("ev", "0-0", block_ms=0)
+    assert first[0].key == "k50000", "only the newest 100,000 events are kept"
+    assert len(first) == READ_COUNT
+    last = await store.last_event_id("ev")
+    await store.publish("ev", "del", "k-new")
+    started = time.perf_counter()
+    for _ in range(1_000):
+        newer = await store.read_events("ev", last, block_ms=0)
+    elapsed = time.perf_counter() - started
+    assert [(e.op, e.key) for e in newer] == [("del", "k-new")]
+    assert elapsed < 1.0, f"1,000 reads of the newest event took {elapsed:.2f} s"
+
+
+async def test_memory_sorted_index_is_bounded() -> None:
+    store = MemoryStore(MemoryStoreSettings(max_entries=10))
+    for n in range(100):
+        assert await store.index_add("ix", f"m{n}", float(n)) <= 10
+    await store.index_add("ix", "m95", 1000.0)  # re-scored: now the newest
+    assert await store.index_pop_oldest("ix", 3) == ["m90", "m91", "m92"]
