@@ -3,8 +3,9 @@
 Cost-aware stages (compression, the planners) share one profile and ask ``predict``
 whether their plan beats a direct answer. The model is deliberately small::
 
-    latency(P, M, n) = overhead + n * P / prefill_tps + (M - 1) * step(b)
-    step(b)          = step_base + step_per_seq * b,   b = load + n
+    latency(P, M, n) = overhead + n * P / prefill_tps + (M - 1) * step(b, c)
+    step(b, c)       = step_base + step_per_seq * b + step_per_ctx * c
+    b = load + n,    c = n * (P + M / 2)   (tokens the batch attends to, on average)
 
 for ``n`` parallel requests of ``P`` prompt tokens and ``M`` output tokens each. It is
 learned, never assumed: from ``calibrate`` (a few probe requests: a long prompt with one
@@ -21,6 +22,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,9 +59,24 @@ class Estimate:
     prefill_tps: float
     step_base_s: float
     step_per_seq_s: float
+    step_per_ctx_s: float
+    """Attention over a long context slows every decode step (per context token)."""
 
-    def step_s(self, batch: float) -> float:
-        return self.step_base_s + self.step_per_seq_s * max(batch, 1.0)
+    def step_s(self, batch: float, context_tokens: float = 0.0) -> float:
+        return (
+            self.step_base_s
+            + self.step_per_seq_s * max(batch, 1.0)
+            + self.step_per_ctx_s * context_tokens
+        )
+
+    def decode_coefficients(self) -> np.ndarray:
+        return np.array([self.step_base_s, self.step_per_seq_s, self.step_per_ctx_s])
+
+
+DECODE_SCALE = np.array([1.0, 4.0, 1000.0])
+"""Typical size of each decode feature (1, batch, context tokens), for the ridge prior."""
+PRIOR_WEIGHT = 0.2
+"""How many observations' worth the current estimate counts when refitting."""
 
 
 class BackendProfile:
@@ -67,8 +84,9 @@ class BackendProfile:
 
     def __init__(self, window: int = 256) -> None:
         self._prefill: deque[tuple[float, float]] = deque(maxlen=window)  # (P, ttft)
-        self._decode: deque[tuple[float, float]] = deque(maxlen=window)  # (batch, step)
-        self.estimate = Estimate(0.05, 2000.0, 0.04, 0.005)
+        self._decode: deque[tuple[float, float, float]] = deque(maxlen=window)
+        """(batch, context tokens, seconds per step)"""
+        self.estimate = Estimate(0.05, 2000.0, 0.04, 0.005, 0.0)
         self.samples = 0
         self.reported_load = 0.0
         """Running plus waiting requests on the replicas, from their /metrics."""
@@ -76,23 +94,27 @@ class BackendProfile:
     # --- learning ----------------------------------------------------------------------------
 
     def observe(self, sample: Sample) -> None:
-        if sample.prompt_tokens > 0 and sample.ttft_s > 0:
+        # A first token that waited behind other sequences says little about prefill speed.
+        if sample.prompt_tokens > 0 and sample.ttft_s > 0 and sample.batch <= 1.5:
             self._prefill.append((float(sample.prompt_tokens), sample.ttft_s))
         if sample.completion_tokens >= 2 and sample.total_s > sample.ttft_s:
             step = (sample.total_s - sample.ttft_s) / (sample.completion_tokens - 1)
-            self._decode.append((max(sample.batch, 1.0), step))
+            batch = max(sample.batch, 1.0)
+            context = batch * (sample.prompt_tokens + sample.completion_tokens / 2)
+            self._decode.append((batch, context, step))
         self.samples += 1
         self._refit()
 
     def _refit(self) -> None:
         old = self.estimate
         overhead, per_token = _line(self._prefill, old.overhead_s, 1.0 / old.prefill_tps)
-        base, per_seq = _line(self._decode, old.step_base_s, old.step_per_seq_s)
+        base, per_seq, per_ctx = _ridge(self._decode, old.decode_coefficients())
         self.estimate = Estimate(
             overhead_s=max(overhead, 0.0),
             prefill_tps=1.0 / max(per_token, 1e-6),
             step_base_s=max(base, 1e-4),
             step_per_seq_s=max(per_seq, 0.0),
+            step_per_ctx_s=max(per_ctx, 0.0),
         )
 
     # --- predicting --------------------------------------------------------------------------
@@ -103,22 +125,29 @@ class BackendProfile:
         max_tokens: int,
         parallel: int = 1,
         load: float | None = None,
+        cached_tokens: int = 0,
     ) -> float:
-        """Seconds until the last of ``parallel`` requests of this size finishes."""
+        """Seconds until the last of ``parallel`` requests of this size finishes;
+        ``cached_tokens`` of each prompt are expected in vLLM's prefix cache."""
         e = self.estimate
         batch = (self.reported_load if load is None else load) + parallel
-        prefill = e.overhead_s + parallel * prompt_tokens / e.prefill_tps
-        return prefill + max(max_tokens - 1, 0) * e.step_s(batch)
+        computed = max(prompt_tokens - cached_tokens, 1)
+        prefill = e.overhead_s + parallel * computed / e.prefill_tps
+        context = parallel * (prompt_tokens + max_tokens / 2)
+        return prefill + max(max_tokens - 1, 0) * e.step_s(batch, context)
 
     # --- measuring ---------------------------------------------------------------------------
 
     async def calibrate(self, backend: BackendClient, model: str, *, quick: bool = False) -> None:
-        """Probe the backend: prefill at two prompt sizes, decoding alone and eight at once."""
+        """Probe the backend: prefill at two prompt sizes, decoding alone (with a short and
+        a long context) and eight sequences at once. Single probes run twice: one noisy
+        sample should not set the estimate."""
         long_prompt = PROBE_TEXT * (40 if quick else 80)
         tokens = 16 if quick else 32
-        for prompt in (PROBE_TEXT * 4, long_prompt):
-            self.observe(await timed_request(backend, model, prompt, 1))
-        self.observe(await timed_request(backend, model, "Count to fifty.", tokens))
+        probes = [(PROBE_TEXT * 4, 1), (long_prompt, tokens), ("Count to fifty.", tokens)]
+        for prompt, out in probes * 2:
+            unique = f"[{uuid.uuid4().hex}] {prompt}"  # never a prefix-cache hit
+            self.observe(await timed_request(backend, model, unique, out))
         eight = await asyncio.gather(
             *(timed_request(backend, model, f"Say {i} words.", tokens) for i in range(8))
         )
@@ -141,6 +170,19 @@ def _line(points: Iterable[tuple[float, float]], a: float, b: float) -> tuple[fl
         return float(np.median(ys - b * xs)), b
     slope, intercept = np.polyfit(xs, ys, 1)
     return float(intercept), float(slope)
+
+
+def _ridge(points: Iterable[tuple[float, float, float]], prior: np.ndarray) -> np.ndarray:
+    """Least squares ``step = w0 + w1 batch + w2 context``, pulled towards ``prior`` by
+    ``PRIOR_WEIGHT`` observations' worth, so that a few samples at one batch size cannot
+    send the other coefficients anywhere."""
+    data = np.array(list(points), dtype=float).reshape(-1, 3)
+    features = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    penalty = np.diag(np.sqrt(PRIOR_WEIGHT) * DECODE_SCALE)
+    matrix = np.vstack([features, penalty])
+    target = np.concatenate([data[:, 2], penalty @ prior])
+    solution, *_ = np.linalg.lstsq(matrix, target, rcond=None)
+    return np.asarray(solution)
 
 
 def _gauge_sum(text: str, names: tuple[str, ...]) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, str] = {
     "passthrough": "leangate.bench.passthrough",
     "cache": "leangate.bench.cache",
+    "profile": "leangate.bench.profile",
 }
 
 

@@ -5,16 +5,17 @@ A stage is ``async (ctx, call_next) -> Result``. It may change the request befor
 call the backend itself, several times at once, through ``ctx.subrequests``.
 ``build_chain`` wraps every stage in a ``Guard`` that times it and makes it fail open:
 
-- an exception or a time-budget overrun before the stage got the request's answer undoes
-  its change to the request and runs the rest of the chain as if the stage were off;
-- the same after ``call_next(ctx)`` returned the request's answer gives back that answer;
+- an exception or a time-budget overrun undoes the stage's change to the request and runs
+  the rest of the chain as if the stage were off; only a stage that left the request as
+  it was (it observed or wrapped the answer, as the cache does) gets back the answer
+  ``call_next(ctx)`` already returned, instead of paying for it twice;
 - an error raised by ``call_next(ctx)`` (the backend's, for this request) reaches the stage
   as it is, so ``except BackendError`` works; if the stage lets it through, so does the
   guard.
 
-Only ``call_next(ctx)`` with the stage's own ``ctx`` produces the request's answer. A call
-with a derived context (``ctx.derive(...)``, a sub-request through the rest of the chain) is
-the stage's business: if the stage then fails, its sub-answers are never sent.
+A failed stage's sub-answers are never sent: not those of calls with a derived context
+(``ctx.derive(...)``, a sub-request through the rest of the chain), nor the answer to a
+request it had rewritten (a skeleton prompt, say).
 
 The budget counts only the stage's own time: wall time minus the union of its waits
 (``call_next``, sub-requests, and ``async with ctx.pause_budget():``), correct when waits
@@ -130,7 +131,9 @@ class StageFrame:
     observer: StageObserver
     saved: tuple[object, ...] = ()
     """The request as the stage received it (``ctx.snapshot()``), for failing open."""
-    answers: list[Result] = field(default_factory=list)
+    answers: list[tuple[Result, bool]] = field(default_factory=list)
+    """What ``call_next(ctx)`` returned, and whether the request was still the one the
+    stage received."""
     pending: int = 0
     downstream_errors: list[BaseException] = field(default_factory=list)
 
@@ -202,6 +205,7 @@ class Guard:
     def _downstream(self, frame: StageFrame) -> Handler:
         async def call_next(next_ctx: RequestContext) -> Result:
             own = next_ctx is frame.ctx
+            unchanged = own and next_ctx.body is frame.saved[0]
             frame.pending += own
             frame.clock.enter_wait()
             try:
@@ -214,7 +218,7 @@ class Guard:
                 frame.clock.leave_wait()
                 frame.pending -= own
             if own:
-                frame.answers.append(result)
+                frame.answers.append((result, unchanged))
             elif isinstance(result, StreamResult):
                 next_ctx.scope.defer(_closer(result))
             return result
@@ -225,9 +229,9 @@ class Guard:
         frame.failed_open("timeout" if isinstance(exc, TimeoutError) else "error", exc)
         if frame.pending:
             raise exc  # the request's own answer is still being made: nothing to fall back on
-        if len(frame.answers) == 1:
-            return frame.answers[0]
-        for answer in frame.answers:
+        if len(frame.answers) == 1 and frame.answers[0][1]:
+            return frame.answers[0][0]
+        for answer, _ in frame.answers:
             if isinstance(answer, StreamResult):
                 await aclose_quietly(answer.events)
         return await frame.as_if_off()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from leangate.backend.client import BackendClient, BackendSettings
-from leangate.backend.errors import BackendTimeout
+from leangate.backend.errors import BackendError, BackendTimeout
 from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler, build_chain
 from leangate.middleware.protocol import ChatCompletionRequest
@@ -71,8 +71,8 @@ class Rewrites:
         ("ok", b"rewritten+post", None),
         ("raise-before", b"none", "error"),
         ("slow-before", b"none", "timeout"),
-        ("raise-after", b"rewritten", "error"),
-        ("slow-after", b"rewritten", "timeout"),
+        ("raise-after", b"none", "error"),
+        ("slow-after", b"none", "timeout"),
     ],
 )
 async def test_stage_fails_open(mode: str, body: bytes, failure: str | None) -> None:
@@ -126,3 +126,134 @@ async def test_stages_nest_in_order() -> None:
     chain = build_chain([(Tag("a"), None), (Tag("b"), None)], endpoint)
     await chain(make_ctx())
     assert seen == ["a", "b"]
+
+
+async def _sleep_waiting(ctx: RequestContext, seconds: float) -> None:
+    async with ctx.pause_budget():
+        await asyncio.sleep(seconds)
+
+
+async def test_overlapping_waits_neither_restart_the_clock_nor_add_up() -> None:
+    """Two overlapping waits (0.1 s and 0.3 s): the budget is off until the last ends, and
+    the own time is wall time minus their union, not minus their sum."""
+
+    class Overlaps:
+        name = "overlaps"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            await asyncio.gather(_sleep_waiting(ctx, 0.1), _sleep_waiting(ctx, 0.3))
+            return await call_next(ctx)
+
+    recorder = Recorder()
+    chain = build_chain([(Overlaps(), 0.05)], endpoint, recorder)
+    result = await chain(make_ctx())
+    assert isinstance(result, JsonResult) and result.body == b"none"
+    assert recorder.failed == [], "the first wait to end must not restart the clock"
+    assert 0 <= recorder.timed["overlaps"] < 0.05
+
+
+async def test_own_time_between_waits_counts_against_the_budget() -> None:
+    class Busy:
+        name = "busy"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            await _sleep_waiting(ctx, 0.05)
+            await asyncio.sleep(0.2)  # the stage's own (non-waiting) time
+            return await call_next(ctx)
+
+    recorder = Recorder()
+    result = await build_chain([(Busy(), 0.1)], endpoint, recorder)(make_ctx())
+    assert isinstance(result, JsonResult) and result.body == b"none"
+    assert recorder.failed == [("busy", "timeout")]
+
+
+@pytest.mark.parametrize("how", ["rewrite", "derive"])
+async def test_failing_after_a_sub_answer_never_sends_it(how: str) -> None:
+    """A stage that asked the rest of the chain for a skeleton and then failed: the client
+    gets the answer to its own request, not the skeleton."""
+
+    class Planner:
+        name = "planner"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            body = {**ctx.body, "marker": "skeleton"}
+            if how == "rewrite":
+                ctx.replace_body(body)
+                skeleton = await call_next(ctx)
+            else:
+                skeleton = await call_next(ctx.derive(body))
+            assert isinstance(skeleton, JsonResult) and skeleton.body == b"skeleton"
+            raise RuntimeError("could not parse the skeleton")
+
+    recorder = Recorder()
+    result = await build_chain([(Planner(), 1.0)], endpoint, recorder)(make_ctx())
+    assert isinstance(result, JsonResult) and result.body == b"none"
+    assert recorder.failed == [("planner", "error")]
+
+
+async def test_a_stage_that_only_wrapped_the_answer_keeps_it_when_it_fails() -> None:
+    calls: list[str] = []
+
+    async def counted(ctx: RequestContext) -> Result:
+        calls.append("backend")
+        return JsonResult(b"answer")
+
+    class Wraps:
+        name = "wraps"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            await call_next(ctx)
+            raise RuntimeError("could not store it")
+
+    result = await build_chain([(Wraps(), 1.0)], counted, Recorder())(make_ctx())
+    assert isinstance(result, JsonResult) and result.body == b"answer"
+    assert calls == ["backend"], "the answer was not paid for twice"
+
+
+async def test_stages_can_catch_the_backend_errors_of_call_next() -> None:
+    async def failing(ctx: RequestContext) -> Result:
+        raise BackendTimeout("slow backend")
+
+    class Catches:
+        name = "catches"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            try:
+                return await call_next(ctx)
+            except BackendError as exc:
+                return JsonResult(f"caught {type(exc).__name__}".encode())
+
+    result = await build_chain([(Catches(), 1.0)], failing, Recorder())(make_ctx())
+    assert isinstance(result, JsonResult) and result.body == b"caught BackendTimeout"
+
+
+async def test_a_rewritten_model_is_the_one_forwarded() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def records(ctx: RequestContext) -> Result:
+        seen.append((ctx.model, ctx.body["model"]))
+        return JsonResult(b"{}")
+
+    class Reroutes:
+        name = "reroutes"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            ctx.replace_body({**ctx.body, "model": "other"})
+            return await call_next(ctx)
+
+    await build_chain([(Reroutes(), 1.0)], records, Recorder())(make_ctx())
+    assert seen == [("other", "other")]
+
+
+async def test_an_invalid_rewrite_fails_the_stage_open() -> None:
+    class Breaks:
+        name = "breaks"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            ctx.replace_body({"model": "m", "messages": []})
+            return await call_next(ctx)
+
+    recorder = Recorder()
+    result = await build_chain([(Breaks(), 1.0)], endpoint, recorder)(make_ctx())
+    assert isinstance(result, JsonResult) and result.body == b"none"
+    assert recorder.failed == [("breaks", "error")]
