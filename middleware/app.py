@@ -25,10 +25,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from leangate.backend.client import BackendClient
-from leangate.backend.errors import BackendError
+from leangate.backend.errors import BackendError, BackendProtocolError
 from leangate.backend.sse import DONE_EVENT, encode_event
 from leangate.backend.tokenizer import Tokenizer
-from leangate.backend.transport import Transport
+from leangate.backend.transport import Transport, UpstreamResponse
 from leangate.cache.embedder import Embedder
 from leangate.cache.purge import purge
 from leangate.cache.services import CacheServices
@@ -277,19 +277,64 @@ def server_timing(timings: dict[str, float]) -> str:
 
 
 async def _sse(result: StreamResult, metrics: Metrics, route: Route) -> AsyncIterator[bytes]:
-    """Frame a result's events as SSE; a failure mid-stream becomes a final error event."""
-    events = result.events
+    """The result as SSE bytes; a failure mid-stream becomes a final error event."""
+    if result.upstream is not None:
+        source = _RawRelay(result.upstream).chunks()
+    else:
+        source = _framed(result.events)
     try:
-        async for payload in events:
-            yield encode_event(payload)
-        yield DONE_EVENT
+        async for piece in source:
+            yield piece
     except Exception as exc:
         if _is_unexpected(exc):
             log.exception("unexpected error mid-stream on %s", route)
         metrics.stream_errors.labels(route).inc()
         yield encode_event(stream_error_payload(exc))
     finally:
-        await aclose_quietly(events)
+        await aclose_quietly(result.events)
+        if result.upstream is not None:
+            await result.upstream.aclose()
+
+
+async def _framed(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for payload in events:
+        yield encode_event(payload)
+    yield DONE_EVENT
+
+
+class _RawRelay:
+    """The backend's SSE bytes, forwarded as they arrive (no stage reads the events).
+
+    Only whole events are forwarded (a chunk's bytes after its last blank line wait for
+    the next chunk), and a stream that ends without ``[DONE]`` raises: the client then gets
+    a clean error event after the last whole event, never an answer that looks complete.
+    """
+
+    __slots__ = ("_response", "_tail")
+
+    def __init__(self, response: UpstreamResponse) -> None:
+        self._response = response
+        self._tail = b""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        pending = b""
+        async for chunk in self._response.iter_chunks():
+            data = pending + chunk if pending else chunk
+            end = _after_last_event(data)
+            if end:
+                whole = data if end == len(data) else data[:end]
+                self._tail = (self._tail + whole[-16:])[-16:]
+                yield whole
+            pending = data[end:]
+        if not self._tail.rstrip(b"\r\n").endswith(b"data: [DONE]"):
+            raise BackendProtocolError("the backend's stream ended before [DONE]")
+
+
+def _after_last_event(data: bytes) -> int:
+    """The offset just past the last blank line (the end of an event), 0 if none."""
+    separators = (b"\n\n", b"\r\n\r\n", b"\r\r") if b"\r" in data else (b"\n\n",)
+    ends = [found + len(sep) for sep in separators if (found := data.rfind(sep)) >= 0]
+    return max(ends, default=0)
 
 
 # --- other routes ----------------------------------------------------------------------------

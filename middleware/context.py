@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from leangate.backend.client import BackendClient
+from leangate.backend.transport import UpstreamResponse
 from leangate.middleware.protocol import (
     REQUEST_MODELS,
     ROUTE_PATHS,
@@ -47,6 +48,10 @@ class StreamResult:
 
     events: AsyncIterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
+    upstream: UpstreamResponse | None = None
+    """The backend's response, when ``events`` are its own and nobody read them yet: the
+    edge then relays its bytes as they are, skipping parsing and re-framing. A stage that
+    reads ``events`` returns a new ``StreamResult`` (without ``upstream``)."""
 
 
 Result = JsonResult | StreamResult
@@ -58,6 +63,15 @@ async def aclose_quietly(events: AsyncIterator[bytes]) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+async def close_stream(result: StreamResult) -> None:
+    """Release a stream whether or not anyone read it: its iterator and its backend
+    response (an iterator that never started would not release it)."""
+    await aclose_quietly(result.events)
+    if result.upstream is not None:
+        with contextlib.suppress(Exception):
+            await result.upstream.aclose()
 
 
 Request = ChatCompletionRequest | CompletionRequest

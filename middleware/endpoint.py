@@ -22,7 +22,7 @@ async def forward(ctx: RequestContext) -> Result:
     )
     if not ctx.stream:
         return JsonResult(await response.read())
-    return StreamResult(_relay(response))
+    return StreamResult(_relay(response), upstream=response)
 
 
 async def _relay(response: UpstreamResponse) -> AsyncIterator[bytes]:

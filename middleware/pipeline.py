@@ -33,13 +33,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from leangate.middleware.context import (
-    JsonResult,
-    RequestContext,
-    Result,
-    StreamResult,
-    aclose_quietly,
-)
+from leangate.middleware.context import RequestContext, Result, StreamResult, close_stream
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +227,12 @@ class Guard:
             return frame.answers[0][0]
         for answer, _ in frame.answers:
             if isinstance(answer, StreamResult):
-                await aclose_quietly(answer.events)
+                await close_stream(answer)
         return await frame.as_if_off()
 
 
 def _closer(result: StreamResult) -> Callable[[], Awaitable[None]]:
-    return lambda: aclose_quietly(result.events)
+    return lambda: close_stream(result)
 
 
 def build_chain(
@@ -252,16 +246,3 @@ def build_chain(
     for stage, budget_s in reversed(stages):
         handler = Guard(stage, handler, budget_s, observer or NullObserver())
     return handler
-
-
-__all__ = [
-    "Guard",
-    "Handler",
-    "JsonResult",
-    "Stage",
-    "StageClock",
-    "StageFrame",
-    "StageObserver",
-    "build_chain",
-    "current_frame",
-]

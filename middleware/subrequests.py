@@ -39,7 +39,7 @@ from leangate.middleware.context import (
     RequestContext,
     Result,
     StreamResult,
-    aclose_quietly,
+    close_stream,
 )
 from leangate.middleware.endpoint import forward
 from leangate.middleware.pipeline import StageFrame, current_frame
@@ -207,7 +207,7 @@ class SubStream:
                 async for payload in result.events:
                     self._take(orjson.loads(payload))
             finally:
-                await aclose_quietly(result.events)
+                await close_stream(result)
             outcome = "ok"
             self._queue.put_nowait(_End())
             self._teach_profile()
@@ -354,4 +354,4 @@ async def _as_if_off(frame: StageFrame, exc: Exception) -> AsyncIterator[bytes]:
         async for payload in result.events:
             yield payload
     finally:
-        await aclose_quietly(result.events)
+        await close_stream(result)

@@ -50,6 +50,12 @@ def _backend(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
             200, content=_chunk("Hi"), headers={"content-type": "text/event-stream"}
         )
+    if scenario == "half-event":
+        return httpx.Response(
+            200,
+            content=_chunk("Hi") + _chunk("there")[:20],
+            headers={"content-type": "text/event-stream"},
+        )
     return httpx.Response(200, json={"object": "chat.completion", "choices": []})
 
 
@@ -113,7 +119,7 @@ def test_malformed_and_invalid_requests_are_400(faked: ProxyThread) -> None:
 
 
 def test_stream_cut_short_ends_with_an_error_event(faked: ProxyThread) -> None:
-    for scenario in ("dies", "no-done"):
+    for scenario in ("dies", "no-done", "half-event"):
         client = openai.OpenAI(base_url=faked.url + "/v1", api_key="k", max_retries=0)
         with pytest.raises(openai.APIError):
             for _ in client.chat.completions.create(
