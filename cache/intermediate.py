@@ -8,7 +8,6 @@ sub-answers. Same store, same tenant scoping, same fail-open behaviour as the re
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,8 +16,6 @@ import orjson
 from leangate.cache.keys import scope_prefix
 from leangate.cache.services import CacheServices
 from leangate.cache.store import StoreError
-
-log = logging.getLogger(__name__)
 
 NAMESPACE = "intermediate"
 
@@ -39,8 +36,7 @@ class IntermediateCache:
             raw = await self._cache.breaker.call(
                 self._cache.store.get(self.key(tenant, kind, parts))
             )
-        except StoreError as exc:
-            log.warning("intermediate cache read failed: %s", exc)
+        except StoreError:  # logged by the breaker, once per outage
             self._cache.metrics.cache_errors.labels("intermediate-get").inc()
             return None
         return None if raw is None else orjson.loads(raw)

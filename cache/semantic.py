@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leangate.cache.embedder import Embedder, Embedding
 from leangate.cache.keys import PREFIX, SEMANTIC_EVENTS, SEMANTIC_INDEX
@@ -86,13 +88,26 @@ class Match:
     verdict: Verdict
 
 
+class SemanticSettings(BaseSettings):
+    """The semantic cache's process-wide settings (``LEANGATE_SEMANTIC_*``): one index is
+    shared by every policy rule, so its bound is the process's, not a stage's."""
+
+    model_config = SettingsConfigDict(env_prefix="LEANGATE_SEMANTIC_", extra="ignore")
+
+    max_entries: int = Field(20_000, gt=0)
+    """Entries kept across all tenants; beyond it the oldest go, on every replica."""
+
+
 class SemanticCache:
     """Embeds questions, finds and verifies neighbours, and stores new entries."""
 
-    def __init__(self, store: Store, embedder: Embedder, *, max_entries: int = 20_000) -> None:
+    def __init__(
+        self, store: Store, embedder: Embedder, settings: SemanticSettings | None = None
+    ) -> None:
         self.store = store
         self.embedder = embedder
-        self.max_entries = max_entries
+        self.settings = settings or SemanticSettings()
+        self.max_entries = self.settings.max_entries
         self.index = VectorIndex(embedder.dim)
         self._entries: dict[str, Entry] = {}
         self._tokens: dict[str, np.ndarray | None] = {}
@@ -135,6 +150,7 @@ class SemanticCache:
 
     async def _follow(self) -> None:
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        failing = False
         while not self._closing:
             try:
                 events = await self.store.read_events(
@@ -144,9 +160,12 @@ class SemanticCache:
                     next_sweep = time.monotonic() + SWEEP_INTERVAL_S
                     await self.sweep()
             except StoreError as exc:
-                log.warning("semantic sync paused: %s", exc)
+                if not failing:  # once per outage, not once a second
+                    log.warning("semantic sync paused: %s", exc)
+                failing = True
                 await asyncio.sleep(1.0)
                 continue
+            failing = False
             for event in events:
                 self._last_event = event.id
                 if event.op == "add" and event.key not in self._entries:

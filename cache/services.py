@@ -15,7 +15,7 @@ from leangate.middleware.metrics import Metrics
 
 if TYPE_CHECKING:
     from leangate.cache.embedder import Embedder
-    from leangate.cache.semantic import SemanticCache
+    from leangate.cache.semantic import SemanticCache, SemanticSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,13 +29,19 @@ class StoreUnavailable(StoreError):
 
 class Breaker:
     """Skips the store for a while after it fails, so that a dead Redis costs requests
-    nothing; the next call after the pause tries again (and the client reconnects)."""
+    nothing; the next call after the pause tries again (and the client reconnects).
+
+    The breaker alone logs store failures: a warning when it opens after the store worked,
+    and nothing more until a call succeeds again, so a dead Redis logs once per outage,
+    not once per request.
+    """
 
     def __init__(self, pause_s: float = 1.0, max_pause_s: float = 5.0) -> None:
         self._base = pause_s
         self._max = max_pause_s
         self._pause = pause_s
         self._retry_at = 0.0
+        self._failing = False
 
     @property
     def open(self) -> bool:
@@ -49,17 +55,32 @@ class Breaker:
             raise StoreUnavailable("the cache store is paused after a failure")
         try:
             result = await operation
-        except StoreError:
+        except StoreError as exc:
+            if not self._failing:
+                log.warning("the cache store failed (%s); requests go on without it", exc)
+                self._failing = True
             self._retry_at = time.monotonic() + self._pause
             self._pause = min(self._pause * 2, self._max)
             raise
+        if self._failing:
+            log.info("the cache store is back")
+            self._failing = False
         self._pause = self._base
         return result
 
 
 class CacheServices:
-    def __init__(self, store: Store, metrics: Metrics, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        embedder: Embedder | None = None,
+        *,
+        semantic_settings: SemanticSettings | None = None,
+    ) -> None:
+        """``semantic_settings`` default to the environment's (``LEANGATE_SEMANTIC_*``)."""
         self.store = store
+        self._semantic_settings = semantic_settings
         self.metrics = metrics
         self.breaker = Breaker()
         self.singleflight = SingleFlight()
@@ -99,7 +120,7 @@ class CacheServices:
 
         if self._embedder is None:
             self._embedder = Embedder()
-        semantic = SemanticCache(self.store, self._embedder)
+        semantic = SemanticCache(self.store, self._embedder, self._semantic_settings)
         try:
             await semantic.start()
         except Exception:
@@ -111,11 +132,14 @@ class CacheServices:
         self._semantic = semantic
 
     def in_background(self, work: Awaitable[None], operation: str) -> None:
-        """Run store writes off the request path; a failure is logged and counted."""
+        """Run store writes off the request path; a failure is counted, and logged unless
+        it is the store's (which the breaker logs, once per outage)."""
 
         async def run() -> None:
             try:
                 await work
+            except StoreError:
+                self.metrics.cache_errors.labels(operation).inc()
             except Exception as exc:
                 log.warning("cache %s failed: %r", operation, exc)
                 self.metrics.cache_errors.labels(operation).inc()

@@ -9,17 +9,23 @@ short, and ``n > 1`` (unless allowed) are never stored.
 from __future__ import annotations
 
 import asyncio
+import copy
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from leangate.backend.errors import BackendError, BackendProtocolError, BackendTimeout
 from leangate.cache.keys import answer_key, exact_hash, semantic_key, semantic_parts
 from leangate.cache.replay import assemble, is_complete, to_events
 from leangate.cache.services import CacheServices
+from leangate.cache.singleflight import Flight
+from leangate.cache.store import StoreError
 from leangate.cache.verify import Verifier, VerifierSettings
 from leangate.middleware.context import (
     JsonResult,
@@ -97,20 +103,22 @@ class CacheStage:
         request_hash = exact_hash(ctx)
         lookup = Lookup(answer_key(ctx, self.settings.namespace, request_hash), request_hash)
         if controls.read:
-            hit = await self._find(ctx, lookup)
+            hit = await self._lookup(ctx, lookup)
             if hit is not None:
                 return hit
         ctx.response_headers[CACHE_HEADER] = "miss"
         if not (controls.read and self.settings.singleflight):
-            return await self._fetch(ctx, call_next, lookup, controls, leader=False)
-        waiting = self.cache.singleflight.join(lookup.key)
-        if waiting is None:
-            return await self._fetch(ctx, call_next, lookup, controls, leader=True)
-        async with ctx.pause_budget():
-            answer = await _wait(waiting, self.settings.singleflight_wait_s)
-        if answer is not None:
-            return self._serve(ctx, answer, "coalesced")
-        return await self._fetch(ctx, call_next, lookup, controls, leader=False)
+            return await self._fetch(ctx, call_next, lookup, controls, None)
+        singleflight = self.cache.singleflight
+        flight, leader = singleflight.join(lookup.key)
+        if leader:
+            # However the request ends (answered, failed, dropped unread), the flight ends.
+            ctx.scope.defer(partial(singleflight.finish, flight, None))
+            return await self._fetch(ctx, call_next, lookup, controls, flight)
+        followed = await self._follow(ctx, flight)
+        if followed is not None:
+            return followed
+        return await self._fetch(ctx, call_next, lookup, controls, None)
 
     # --- deciding ----------------------------------------------------------------------------
 
@@ -128,7 +136,11 @@ class CacheStage:
         directives = {
             d.strip().lower() for d in ctx.headers.get("cache-control", "").split(",") if d.strip()
         }
-        ttl = ctx.options.cache_ttl_s or _float(ctx.headers.get(TTL_HEADER)) or self.settings.ttl_s
+        ttl = (
+            _positive(ctx.options.cache_ttl_s)
+            or _positive(_float(ctx.headers.get(TTL_HEADER)))
+            or self.settings.ttl_s
+        )
         return Controls(
             read="no-cache" not in directives and "no-store" not in directives,
             write="no-store" not in directives,
@@ -136,6 +148,15 @@ class CacheStage:
         )
 
     # --- reading -----------------------------------------------------------------------------
+
+    async def _lookup(self, ctx: RequestContext, lookup: Lookup) -> Result | None:
+        """A hit, or None; a store that fails is a miss (counted, and logged once per
+        outage by the breaker), so that coalescing still works while Redis is away."""
+        try:
+            return await self._find(ctx, lookup)
+        except StoreError:
+            self.metrics.cache_errors.labels("lookup").inc()
+            return None
 
     async def _find(self, ctx: RequestContext, lookup: Lookup) -> Result | None:
         breaker, store = self.cache.breaker, self.cache.store
@@ -177,6 +198,32 @@ class CacheStage:
         )
         return StreamResult(_iterate(events))
 
+    # --- following ---------------------------------------------------------------------------
+
+    async def _follow(self, ctx: RequestContext, flight: Flight) -> Result | None:
+        """The leader's answer for a follower; None when the follower must fetch its own.
+
+        A streamed follower of a streamed leader starts with the leader's first event and
+        then follows live. Until the follower has an event, a failed leader costs it nothing
+        but the wait: it falls back to its own backend call.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.singleflight_wait_s
+        async with ctx.pause_budget():
+            while not flight.done and not (ctx.stream and flight.events):
+                if not await flight.changed(deadline - loop.time()):
+                    return None
+        if flight.answer is not None:
+            return self._serve(ctx, flight.answer, "coalesced")
+        if flight.done:
+            return None
+        ctx.response_headers[CACHE_HEADER] = "coalesced"
+        options = ctx.body.get("stream_options") or {}
+        events = _follow_live(
+            flight, self.settings.singleflight_wait_s, bool(options.get("include_usage"))
+        )
+        return StreamResult(events)
+
     # --- writing -----------------------------------------------------------------------------
 
     async def _fetch(
@@ -185,52 +232,32 @@ class CacheStage:
         call_next: Handler,
         lookup: Lookup,
         controls: Controls,
-        *,
-        leader: bool,
+        flight: Flight | None,
     ) -> Result:
-        def done(answer: bytes | None) -> None:
-            if leader:
-                self.cache.singleflight.finish(lookup.key, answer)
-            if answer is not None and controls.write:
-                self.cache.in_background(self._store(ctx, lookup, answer, controls.ttl_s), "store")
-
+        """The backend's answer (through the rest of the chain), stored once complete; a
+        leader's (``flight``) is broadcast to its followers as it arrives."""
+        end = _Ending(self, ctx, lookup, controls, flight)
         try:
             result = await call_next(ctx)
-        except BaseException:
-            done(None)
+        except BaseException as exc:
+            end(None, failed=True, error=exc if isinstance(exc, Exception) else None)
             raise
         if isinstance(result, StreamResult):
-            return StreamResult(self._tee(ctx, result.events, done), result.headers)
-        done(_storable_json(result))
+            tee = _Tee(self, ctx, result.events, end)
+            ctx.scope.defer(tee.abandon)
+            return StreamResult(tee.events, result.headers)
+        answer = _storable_json(result)
+        end(answer, failed=answer is None)
         return result
 
-    async def _tee(
-        self,
-        ctx: RequestContext,
-        events: AsyncIterator[bytes],
-        done: Callable[[bytes | None], None],
-    ) -> AsyncIterator[bytes]:
-        """Pass events through, and hand the whole answer on only if the stream completed.
-
-        This runs after the guard has returned, so it fails open by itself: an answer it
-        cannot assemble is simply not stored.
-        """
-        seen: list[bytes] = []
-        answer: bytes | None = None
+    def _assemble(self, ctx: RequestContext, seen: list[bytes]) -> bytes | None:
+        """A completed stream's whole answer, if it can be stored."""
         try:
-            async for payload in events:
-                seen.append(payload)
-                yield payload
-            try:
-                whole = assemble(ctx.route, seen)
-            except ValueError:
-                self.metrics.cache_errors.labels("assemble").inc()
-                whole = None
-            if whole is not None and is_complete(whole):
-                answer = orjson.dumps(whole)
-        finally:
-            done(answer)
-            await aclose_quietly(events)
+            whole = assemble(ctx.route, seen)
+        except ValueError:
+            self.metrics.cache_errors.labels("assemble").inc()
+            return None
+        return orjson.dumps(whole) if whole is not None and is_complete(whole) else None
 
     async def _store(
         self, ctx: RequestContext, lookup: Lookup, answer: bytes, ttl_s: float
@@ -252,6 +279,144 @@ class CacheStage:
         )
 
 
+class _Ending:
+    """What happens once a fetched answer is complete or abandoned, exactly once: the
+    flight (if leading) ends, and a complete answer is stored in the background."""
+
+    __slots__ = ("controls", "ctx", "flight", "lookup", "over", "stage")
+
+    def __init__(
+        self,
+        stage: CacheStage,
+        ctx: RequestContext,
+        lookup: Lookup,
+        controls: Controls,
+        flight: Flight | None,
+    ) -> None:
+        self.stage, self.ctx, self.lookup = stage, ctx, lookup
+        self.controls, self.flight = controls, flight
+        self.over = False
+
+    def __call__(
+        self, answer: bytes | None, *, failed: bool, error: Exception | None = None
+    ) -> None:
+        if self.over:
+            return
+        self.over = True
+        cache = self.stage.cache
+        if self.flight is not None:
+            cache.singleflight.finish(self.flight, answer, failed=failed, error=error)
+        if answer is not None and self.controls.write:
+            work = self.stage._store(self.ctx, self.lookup, answer, self.controls.ttl_s)
+            cache.in_background(work, "store")
+
+
+class _Tee:
+    """Passes a stream's events on, keeps them (in the flight, for followers), and hands
+    the whole answer on only if the stream completed.
+
+    The events run after the guard returned, so this fails open by itself: an answer it
+    cannot assemble is simply not stored. ``abandon`` is deferred to the request's scope:
+    a response dropped before its body was read never runs the generator, so the scope
+    ends the flight and closes the upstream stream (its backend connection) instead.
+    """
+
+    __slots__ = ("ctx", "end", "events", "stage", "started", "upstream")
+
+    def __init__(
+        self,
+        stage: CacheStage,
+        ctx: RequestContext,
+        upstream: AsyncIterator[bytes],
+        end: _Ending,
+    ) -> None:
+        self.stage, self.ctx, self.upstream, self.end = stage, ctx, upstream, end
+        self.started = False
+        self.events = self._run()
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        self.started = True
+        flight = self.end.flight
+        seen: list[bytes] = [] if flight is None else flight.events
+        keep = seen.append if flight is None else flight.push
+        answer: bytes | None = None
+        failed = True
+        error: Exception | None = None
+        try:
+            async for payload in self.upstream:
+                keep(payload)
+                yield payload
+            failed = False
+            answer = self.stage._assemble(self.ctx, seen)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            self.end(answer, failed=failed, error=error)
+            await aclose_quietly(self.upstream)
+
+    async def abandon(self) -> None:
+        """End of the request: a no-op for a stream that was read to its end."""
+        await aclose_quietly(self.events)
+        if not self.started:
+            self.end(None, failed=True)
+            await close_unread(self.upstream)
+
+
+async def close_unread(events: AsyncIterator[bytes]) -> None:
+    """Close an event iterator that nobody iterated.
+
+    ``aclose()`` on an async generator that never started does not run its body, so a
+    ``finally`` there (the one releasing the backend connection) never runs either.
+    Starting it and cancelling it at its first suspension does run it.
+    """
+    step = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)
+    step.cancel()
+    await asyncio.wait({step})
+    if not step.cancelled():
+        step.exception()  # retrieved, so that nothing is logged about it
+    await aclose_quietly(events)
+
+
+async def _follow_live(flight: Flight, wait_s: float, include_usage: bool) -> AsyncIterator[bytes]:
+    """The leader's events, those already seen first, then each as it arrives."""
+    sent = 0
+    while True:
+        events = flight.events
+        while sent < len(events):
+            payload = events[sent]
+            sent += 1
+            if include_usage or b'"usage"' not in payload:
+                yield payload
+            elif (trimmed := _without_usage(payload)) is not None:
+                yield trimmed
+        if flight.done:
+            break
+        if not await flight.changed(wait_s):
+            raise BackendTimeout("the answer this request was coalesced with stalled")
+    if flight.failed:
+        raise _leader_failure(flight)
+
+
+def _without_usage(payload: bytes) -> bytes | None:
+    """A chunk without the usage its follower did not ask for (None: nothing left)."""
+    chunk = orjson.loads(payload)
+    if not isinstance(chunk, dict) or "usage" not in chunk:
+        return payload
+    if not chunk.get("choices"):
+        return None
+    del chunk["usage"]
+    return orjson.dumps(chunk)
+
+
+def _leader_failure(flight: Flight) -> Exception:
+    """What a follower raises when the stream it follows failed: the leader's own error."""
+    if isinstance(flight.error, BackendError):
+        return copy.copy(flight.error)
+    return BackendProtocolError("the answer this request was coalesced with was cut short")
+
+
 def _storable_json(result: JsonResult) -> bytes | None:
     if result.status != 200:
         return None
@@ -260,13 +425,6 @@ def _storable_json(result: JsonResult) -> bytes | None:
     except orjson.JSONDecodeError:
         return None
     return result.body if isinstance(whole, dict) and is_complete(whole) else None
-
-
-async def _wait(waiting: asyncio.Future[bytes | None], timeout_s: float) -> bytes | None:
-    try:
-        return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
-    except TimeoutError:
-        return None
 
 
 async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
@@ -279,3 +437,8 @@ def _float(value: str | None) -> float | None:
         return float(value) if value else None
     except ValueError:
         return None
+
+
+def _positive(value: float | None) -> float | None:
+    """``value`` if it is a usable lifetime (finite and above zero), else None."""
+    return value if value is not None and math.isfinite(value) and value > 0 else None

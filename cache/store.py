@@ -282,9 +282,10 @@ class MemoryStore(Store):
         self._counter = itertools.count(1)
         self._new_event = asyncio.Event()
 
-    def __len__(self) -> int:
-        """Values held (expired ones included until the next write sweeps them)."""
-        return len(self._values)
+    @property
+    def entries(self) -> int:
+        """Values held, expired ones included until a write sweeps them."""
+        return Cache.__len__(self._values)
 
     @property
     def bytes_used(self) -> int:

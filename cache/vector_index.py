@@ -57,7 +57,7 @@ class _Scope:
             self.matrix[position] = self.matrix[last]
             self.ids[position] = moved
             self.rows[moved] = position
-        if MIN_ROWS < len(self.matrix) and last <= len(self.matrix) // 4:
+        if len(self.matrix) > MIN_ROWS and last <= len(self.matrix) // 4:
             self._resize(len(self.matrix) // 2)
 
     def _resize(self, rows: int) -> None:

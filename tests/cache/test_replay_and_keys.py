@@ -125,13 +125,23 @@ def test_semantic_scope_covers_earlier_turns() -> None:
 
 
 async def test_singleflight_hands_the_answer_to_followers() -> None:
-    flight = SingleFlight()
-    assert flight.join("k") is None
-    followers = [flight.join("k") for _ in range(3)]
-    assert all(f is not None for f in followers)
-    flight.finish("k", b"answer")
-    assert [await f for f in followers if f is not None] == [b"answer"] * 3
-    assert len(flight) == 0 and flight.join("k") is None
+    singleflight = SingleFlight()
+    flight, leader = singleflight.join("k")
+    assert leader
+    followers = [singleflight.join("k") for _ in range(3)]
+    assert all(f is flight and not leads for f, leads in followers)
+    waiting = asyncio.ensure_future(flight.changed(1.0))
+    await asyncio.sleep(0)
+    flight.push(b"event")
+    assert await waiting and flight.events == [b"event"]
+    singleflight.finish(flight, b"answer")
+    assert flight.done and flight.answer == b"answer" and not flight.failed
+    assert len(singleflight) == 0
+    newer, leader = singleflight.join("k")
+    assert leader and newer is not flight
+    singleflight.finish(flight, None)  # a late, repeated finish of the old flight
+    assert flight.answer == b"answer", "finishing is idempotent"
+    assert singleflight.join("k") == (newer, False), "and leaves the newer flight alone"
 
 
 async def test_breaker_pauses_after_a_failure() -> None:

@@ -159,15 +159,15 @@ async def test_memory_store_holds_its_bounds_under_a_million_inserts() -> None:
     for n in range(1_000_000):
         await store.set(f"lg:t:n:ans:{n}", b"%d" % n, ttl_s=3600)
         if n % 50_000 == 0:
-            assert len(store) <= bounds.max_entries
+            assert store.entries <= bounds.max_entries
             assert store.bytes_used <= bounds.max_bytes
-    assert len(store) == bounds.max_entries, "the entry bound, not the byte bound, binds here"
+    assert store.entries == bounds.max_entries, "the entry bound, not the byte bound, binds here"
     assert await store.get("lg:t:n:ans:999999") == b"999999"
     assert await store.get("lg:t:n:ans:0") is None, "the least recently used went first"
     big = b"x" * 10_000
     for n in range(1_000):
         await store.set(f"big:{n}", big, ttl_s=3600)
-    assert store.bytes_used <= bounds.max_bytes and len(store) < 100, "the byte bound binds"
+    assert store.bytes_used <= bounds.max_bytes and store.entries < 100, "the byte bound binds"
     assert await store.get("big:999") == big
 
 
@@ -177,7 +177,7 @@ async def test_memory_store_expires_on_write_too() -> None:
         await store.set(f"short:{n}", b"v", ttl_s=0.05)
     await asyncio.sleep(0.06)
     await store.set("other", b"w", ttl_s=60)
-    assert len(store) == 1, "expired values went without anybody reading them"
+    assert store.entries == 1, "expired values went without anybody reading them"
 
 
 async def test_memory_event_log_is_capped_and_read_from_its_end() -> None:

@@ -82,7 +82,8 @@ def test_clear_and_dimension_check() -> None:
 
 def _unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
     rows = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    unit_rows: np.ndarray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return unit_rows
 
 
 def test_search_matches_a_flat_index_after_adds_and_removals() -> None:
