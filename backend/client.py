@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from leangate.backend.balancer import Replica, choose
 from leangate.backend.errors import (
@@ -44,7 +44,7 @@ class BackendSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"], min_length=1)
-    api_key: str | None = None
+    api_key: SecretStr | None = None
     timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     health_interval_s: float = Field(5.0, gt=0)
@@ -105,7 +105,7 @@ class BackendClient:
         )
         self._headers = dict(JSON_HEADERS)
         if settings.api_key:
-            self._headers["authorization"] = f"Bearer {settings.api_key}"
+            self._headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         self._health_task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
         self.profile = BackendProfile()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leangate.backend.client import BackendSettings
@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     backend_url: str = "http://127.0.0.1:8000"
     """One URL, or several separated by commas (replicas)."""
-    backend_api_key: str | None = None
+    backend_api_key: SecretStr | None = None
     backend_timeout_s: float = Field(600.0, gt=0)
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("LEANGATE_REDIS_URL", "REDIS_URL")
@@ -27,8 +27,11 @@ class Settings(BaseSettings):
     policy_reload_s: float = Field(1.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     log_level: str = "warning"
-    admin_api_key: str | None = None
-    """Bearer key for the ``/admin`` API; without one the admin API is off."""
+    admin_api_key: SecretStr | None = None
+    """Bearer key for the ``/admin`` API and the detailed ``/health``; without one the
+    admin API is off."""
+    expose_docs: bool = False
+    """Serve the OpenAPI schema and ``/docs`` (off: they describe the deployment to anyone)."""
     tokenizer_dirs: dict[str, Path] = Field(default_factory=dict)
     """Local model folders by served model name, for exact token counts without a call
     to the backend (``LEANGATE_TOKENIZER_DIRS='{"SmolLM2-135M-Instruct": "/models/smol"}'``)."""

@@ -62,33 +62,39 @@ def _serve_with_demo(settings: Settings, *, once: bool) -> int:
 
 
 def _demo(server: uvicorn.Server, settings: Settings, once: bool, outcome: list[bool]) -> None:
-    import openai
+    """Two identical requests through the proxy: the second is a cache hit. Plain httpx
+    (a dependency of leangate), so that ``leangate up`` runs without the dev extras."""
+    import httpx
 
     while not server.started:
         if server.should_exit:
             return
         time.sleep(0.05)
     base = f"http://{settings.host}:{settings.port}/v1"
-    client = openai.OpenAI(base_url=base, api_key="demo", max_retries=0)
-    model = client.models.list().data[0].id
     question = "In one sentence, what is a cache?"
     try:
-        for attempt in ("first", "second"):
-            started = time.perf_counter()
-            raw = client.chat.completions.with_raw_response.create(
-                model=model,
-                messages=[{"role": "user", "content": question}],
-                max_tokens=48,
-                temperature=0,
-            )
-            answer = raw.parse().choices[0].message.content
-            took = (time.perf_counter() - started) * 1000
-            cache = raw.headers.get("x-leangate-cache", "-")
-            print(
-                f"[{attempt} request] {took:.1f} ms, cache: {cache}\n  Q: {question}\n  A: {answer}"
-            )
+        with httpx.Client(base_url=base, timeout=120) as client:
+            model = client.get("/models").raise_for_status().json()["data"][0]["id"]
+            for attempt in ("first", "second"):
+                started = time.perf_counter()
+                response = client.post(
+                    "/chat/completions",
+                    json={
+                        "model": model,
+                        "messages": [{"role": "user", "content": question}],
+                        "max_tokens": 48,
+                        "temperature": 0,
+                    },
+                ).raise_for_status()
+                answer = response.json()["choices"][0]["message"]["content"]
+                took = (time.perf_counter() - started) * 1000
+                cache = response.headers.get("x-leangate-cache", "-")
+                print(
+                    f"[{attempt} request] {took:.1f} ms, cache: {cache}\n"
+                    f"  Q: {question}\n  A: {answer}"
+                )
         outcome.append(True)
-    except openai.OpenAIError as exc:
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         print(f"the demo request failed: {exc}", file=sys.stderr)
         outcome.append(False)
     if once:

@@ -136,7 +136,14 @@ def create_app(
             await cache.close()
             await backend.aclose()
 
-    app = FastAPI(title="leangate", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    docs = "/docs" if settings.expose_docs else None
+    app = FastAPI(
+        title="leangate",
+        lifespan=lifespan,
+        docs_url=docs,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.expose_docs else None,
+    )
     app.add_route("/v1/models", _models, methods=["GET"])
     app.add_route("/health", _health, methods=["GET"])
     app.add_route("/metrics", _metrics, methods=["GET"])
@@ -348,24 +355,37 @@ async def _models(request: Request) -> Response:
 
 
 async def _health(request: Request) -> Response:
+    """Status for anyone; each replica's URL, load and models only for the admin key."""
     gateway: Gateway = request.app.state.gateway
     backend = gateway.backend
-    replicas = [
-        {
-            "url": r.url,
-            "healthy": r.healthy,
-            "outstanding": r.outstanding,
-            "models": sorted(r.models),
-        }
-        for r in backend.replicas
-    ]
     cache = gateway.services.cache
-    body = {
+    body: dict[str, object] = {
         "status": "ok" if backend.ready else "unavailable",
-        "replicas": replicas,
+        "replicas_healthy": sum(1 for r in backend.replicas if r.healthy),
+        "replicas": len(backend.replicas),
         "cache": {"store": cache.store.kind, "available": not cache.breaker.open},
     }
+    if _is_admin(request, request.app.state.settings):
+        body["replicas"] = [
+            {
+                "url": r.url,
+                "healthy": r.healthy,
+                "outstanding": r.outstanding,
+                "models": sorted(r.models),
+            }
+            for r in backend.replicas
+        ]
     return JSONResponse(body, status_code=200 if backend.ready else 503)
+
+
+def _is_admin(request: Request, settings: Settings) -> bool:
+    """Whether the request carries the admin key (compared in constant time, as bytes, so
+    that any header value compares instead of raising)."""
+    if settings.admin_api_key is None:
+        return False
+    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    expected = settings.admin_api_key.get_secret_value()
+    return hmac.compare_digest(supplied.encode(), expected.encode())
 
 
 async def _metrics(request: Request) -> Response:
@@ -381,8 +401,7 @@ async def _purge(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     if not settings.admin_api_key:
         return _error(403, "the admin API is disabled (no admin key set)", "permission_error")
-    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(supplied, settings.admin_api_key):
+    if not _is_admin(request, settings):
         return _error(401, "a valid admin key is required", "authentication_error")
     try:
         body = PurgeRequest.model_validate_json(await request.body())

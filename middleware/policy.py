@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from leangate.middleware.errors import describe_validation_error, validation_problems
 from leangate.middleware.protocol import Route
@@ -91,7 +99,7 @@ class Rule(_Strict):
 
 
 class Tenant(_Strict):
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[SecretStr] = Field(default_factory=list)
     api_key_sha256: list[str] = Field(default_factory=list)
     """Hex SHA-256 digests of keys, for policy files that should not hold the keys."""
 
@@ -108,7 +116,8 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _index_keys(self) -> Policy:
         for name, tenant in self.tenants.items():
-            digests = [_digest(k) for k in tenant.api_keys] + tenant.api_key_sha256
+            digests = [_digest(k.get_secret_value()) for k in tenant.api_keys]
+            digests += tenant.api_key_sha256
             for digest in digests:
                 other = self._by_digest.setdefault(digest.lower(), name)
                 if other != name:
