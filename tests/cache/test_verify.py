@@ -1,4 +1,5 @@
-"""Verifier tests: lexical guards with the real embedder, and paraphrases from mock_data."""
+"""Verifier tests: lexical guards with the real embedder, and paraphrases from mock_data's
+tuning half."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pydantic
 import pytest
 
 from leangate.cache.embedder import Embedder, Embedding
-from leangate.cache.semantic_eval import default_data_dir, load_gptcache_pairs
+from leangate.cache.semantic_eval import default_data_dir, load_gptcache_pairs, split_of
 from leangate.cache.verify import (
     AMBIGUOUS,
     ENTITIES,
@@ -15,64 +16,81 @@ from leangate.cache.verify import (
     NEGATION,
     NUMBERS,
     QUOTED,
+    STRICT,
+    UNALIGNED,
     Verifier,
     VerifierSettings,
     token_alignment,
 )
 
+# Every example here is invented for these tests: none comes from the evaluation data
+# (mock_data.json, qqp_tune.json), so the held-out figures stay held out.
 MUST_MISS = [
-    ("How do I install Python 3.11 on Ubuntu?", "How do I install Python 3.12 on Ubuntu?", NUMBERS),
-    ("Is Paris the capital of France?", "Is Paris not the capital of France?", NEGATION),
-    ("Who is Alice's manager?", "Who is Bob's manager?", ENTITIES),
-    ("What is 12 times 7?", "What is 12 times 8?", NUMBERS),
-    ("Can I delete a branch in git?", "Can't I delete a branch in git?", NEGATION),
-    ("Does the train stop in Berlin?", "Does the train stop in Munich?", ENTITIES),
-    ("How much is two plus three?", "How much is two plus four?", NUMBERS),
-    ("What does `os.path.join` do?", "What does `os.path.split` do?", ENTITIES),
-    ('What does the error "file not found" mean?', 'What does the error "disk full" mean?', QUOTED),
-    ("When did World War 2 end?", "When did World War 1 end?", NUMBERS),
-    # The softened guards must not open these.
-    ("Is Java fast?", "Is JavaScript fast?", ENTITIES),
-    ("Does pandas support Python 3?", "Does pandas not support Python 3?", NEGATION),
+    ("How do I upgrade Postgres 14 to 15?", "How do I upgrade Postgres 14 to 16?", NUMBERS),
+    ("Is Lisbon the capital of Portugal?", "Is Lisbon not the capital of Portugal?", NEGATION),
+    ("Who is Carol's mentor?", "Who is Dave's mentor?", ENTITIES),
+    ("What is 15 divided by 3?", "What is 15 divided by 5?", NUMBERS),
+    ("Can I rename a tag in git?", "Can't I rename a tag in git?", NEGATION),
+    ("Does the ferry stop in Oslo?", "Does the ferry stop in Bergen?", ENTITIES),
+    ("How much is five minus two?", "How much is five minus three?", NUMBERS),
+    ("What does `json.dumps` do?", "What does `json.loads` do?", ENTITIES),
     (
-        "No alternative is mentioned in the README.",
-        "An alternative is mentioned in the README.",
-        NEGATION,
+        'What does the warning "low battery" mean?',
+        'What does the warning "weak signal" mean?',
+        QUOTED,
     ),
-    ("Is the flag optional?", "Is the flag not optional?", NEGATION),
-    ("What are two ways to sort a list?", "What are three ways to sort a list?", NUMBERS),
-    ("How do I install numpy 2 on Ubuntu?", "How do I install numpy on Ubuntu?", NUMBERS),
-    ("What does `datasets.Metric` do?", "What does `evaluate.Metric` do?", ENTITIES),
+    ("When did Apollo 11 land on the moon?", "When did Apollo 12 land on the moon?", NUMBERS),
+    # The softened guards must not open these.
+    ("Is Java verbose?", "Is JavaScript verbose?", ENTITIES),
+    ("Does the plugin support Windows 11?", "Does the plugin not support Windows 11?", NEGATION),
+    ("No refund is offered for late orders.", "A refund is offered for late orders.", NEGATION),
+    ("Is the argument optional?", "Is the argument not optional?", NEGATION),
+    ("What are two ways to boil an egg?", "What are three ways to boil an egg?", NUMBERS),
+    ("Which steps install Redis 7 on Debian?", "Which steps install Redis on Debian?", NUMBERS),
+    ("What does `requests.Session` do?", "What does `aiohttp.Session` do?", ENTITIES),
 ]
 
 MUST_HIT = [
-    ("How do I install Python 3.11 on Ubuntu?", "How can I install Python 3.11 on Ubuntu?"),
-    ("Is Paris the capital of France?", "Is the capital of France Paris?"),
-    ("Who is Alice's manager?", "Who manages Alice?"),
+    ("How do I upgrade Postgres 14 to 15?", "How can I upgrade Postgres 14 to 15?"),
+    ("Is Lisbon the capital of Portugal?", "Is the capital of Portugal Lisbon?"),
+    ("Who is Carol's mentor?", "Who mentors Carol?"),
 ]
 
-# Rewordings that only look like changed facts (from the kinds the guards used to reject).
+# Rewordings that only look like changed facts (of the kinds the guards used to reject).
 REWORDINGS = [
     # a negation traded for a negative word
-    ("What happens in the absence of a config file?", "What happens if there is no config file?"),
-    ("Is the flag optional?", "Is the flag not mandatory?"),
+    (
+        "Does the build change in the absence of lock files?",
+        "Does the build change if there are no lock files?",
+    ),
+    ("Is the argument optional?", "Is the argument not mandatory?"),
     # not negations: "not only", "whether or not", "don't forget", an answer particle
-    ("It loads not only CSV but also JSON files.", "It loads CSV and also JSON files."),
-    ("Check whether the file is cached or not.", "Check whether the file is cached."),
-    ("Don't forget to pass your token.", "Remember to pass your token."),
-    ("No, it does not exist in version 2.10.0.", "It doesn't exist in v2.10.0."),
+    ("It reads not only XML but also YAML.", "It reads XML and also YAML."),
+    ("Tell me whether the job finished or not.", "Tell me whether the job finished."),
+    ("Don't forget to close the socket.", "Remember to close the socket."),
+    ("No, it is not shipped in release 4.2.1.", "It isn't shipped in v4.2.1."),
     # acronyms either way round, dotted names, stems, abbreviations
-    ("Which JavaScript libraries talk to the Hub?", "Which JS libraries talk to the Hub?"),
-    ("A platform for Machine Learning demos.", "A platform for ML demos."),
-    ("The Metric datasets are loaded by load_metric.", "load_metric loads a datasets.Metric."),
-    ("Save datasets to cloud storage with Python.", "Save datasets to cloud storage, Pythonic."),
-    ("Store columns (e.g. floats) as JSON.", "Store columns (such as floats) as JSON."),
+    ("Which TypeScript tools lint the code?", "Which TS tools lint the code?"),
+    ("A course on Natural Language Processing.", "A course on NLP."),
+    (
+        "The Session objects of requests come from make_session.",
+        "make_session returns a requests.Session.",
+    ),
+    ("Export the report to cloud storage with Python.", "Export the report, Pythonic."),
+    ("Store values (e.g. ints) as text.", "Store values (such as ints) as text."),
     # spelled-out counts one side adds, inline enumerations, plural counts
-    ("There are two ways: 1) streaming 2) caching.", "You can stream or cache."),
-    ("It handles thousands of audio files.", "It handles several thousand audio files."),
+    ("There are two options: 1) retry 2) abort.", "You can retry or abort."),
+    ("It indexes thousands of images.", "It indexes several thousand images."),
     # one-character code spans
-    ("Use `axis` with `0` for rows and `1` for columns.", "`axis`: `0` means rows, `1` columns."),
+    ("Use `mode` with `0` for read and `1` for write.", "`mode`: `0` means read, `1` write."),
+    # a capitalised function word ("I") names nothing
+    ("Which way of learning chess is best?", "How can I learn chess?"),
+    ("Should I learn chess from books?", "Is it wise to learn chess from books?"),
 ]
+
+NO_GUARDS = VerifierSettings(
+    check_numbers=False, check_negation=False, check_entities=False, check_quoted=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +114,12 @@ def similarity(embedder: Embedder, a: str, b: str) -> float:
 def test_changed_facts_are_rejected(
     embedder: Embedder, verifier: Verifier, query: str, cached: str, reason: str
 ) -> None:
+    # The guard itself, at a similarity no threshold would stop: it must name the reason.
+    assert verifier.lexical_reason(query, cached, 1.0) == reason
+    assert verifier.lexical_reason(cached, query, 1.0) == reason
+    assert Verifier(NO_GUARDS).lexical_reason(query, cached, 1.0) is None
     sim = similarity(embedder, query, cached)
-    verdict = verifier.check(query, cached, sim)
-    assert not verdict.accepted
-    assert verdict.reason in (reason, LOW_SIMILARITY)
+    assert not verifier.check(query, cached, sim).accepted
     assert verifier.select(query, [(cached, sim)]).index is None
 
 
@@ -115,7 +135,7 @@ def test_paraphrases_from_mock_data_are_accepted(embedder: Embedder, verifier: V
     path = default_data_dir() / "gptcache" / "mock_data.json"
     if not path.is_file():
         pytest.skip(f"public data not found at {path}")
-    pairs = load_gptcache_pairs(path)[:40]
+    pairs = [p for p in load_gptcache_pairs(path) if split_of(p.origin) == "tune"][:40]
     vectors = embedder.embed([t for p in pairs for t in (p.origin, p.similar)])
     accepted = sum(
         verifier.check(p.similar, p.origin, float(vectors[2 * i] @ vectors[2 * i + 1])).accepted
@@ -142,10 +162,10 @@ def test_margin_rejects_ambiguous_neighbours(verifier: Verifier) -> None:
 
 
 def test_select_ignores_incompatible_rivals(verifier: Verifier) -> None:
-    query = "How do I install Python 3.11 on Ubuntu?"
+    query = "How do I upgrade Postgres 14 to 15?"
     neighbors = [
-        ("How can I install Python 3.11 on Ubuntu?", 0.95),
-        ("How can I install Python 3.12 on Ubuntu?", 0.949),
+        ("How can I upgrade Postgres 14 to 15?", 0.95),
+        ("How can I upgrade Postgres 14 to 16?", 0.949),
     ]
     selection = verifier.select(query, neighbors)
     assert selection.index == 0
@@ -153,10 +173,10 @@ def test_select_ignores_incompatible_rivals(verifier: Verifier) -> None:
 
 
 def test_select_prefers_compatible_lower_neighbour(verifier: Verifier) -> None:
-    query = "How do I install Python 3.11 on Ubuntu?"
+    query = "How do I upgrade Postgres 14 to 15?"
     neighbors = [
-        ("How can I install Python 3.12 on Ubuntu?", 0.97),
-        ("How can I install Python 3.11 on Ubuntu?", 0.95),
+        ("How can I upgrade Postgres 14 to 16?", 0.97),
+        ("How can I upgrade Postgres 14 to 15?", 0.95),
     ]
     assert verifier.select(query, neighbors).index == 1
     assert verifier.select(query, []).index is None
@@ -165,10 +185,10 @@ def test_select_prefers_compatible_lower_neighbour(verifier: Verifier) -> None:
 def test_select_rejects_when_an_incompatible_neighbour_is_far_closer(verifier: Verifier) -> None:
     # The query most likely rewords the first entry (its guard fired on a paraphrase); the
     # second is only loosely related, so serving it would be wrong.
-    query = "How do I install Python 3.11 on Ubuntu?"
+    query = "How do I upgrade Postgres 14 to 15?"
     neighbors = [
-        ("How can I install Python 3.12 on Ubuntu?", 0.97),
-        ("How can I install Python 3.11 on Debian?", 0.80),
+        ("How can I upgrade Postgres 14 to 16?", 0.97),
+        ("How can I upgrade Postgres 14 to 15 on Debian?", 0.80),
     ]
     selection = verifier.select(query, neighbors)
     assert selection.index is None
@@ -196,10 +216,10 @@ def test_select_low_similarity(verifier: Verifier) -> None:
 
 
 def test_token_alignment_breaks_near_ties(embedder: Embedder, verifier: Verifier) -> None:
-    query = "What is the purpose of the tutorials section?"
+    query = "What is the role of the glossary page?"
     cached = [
-        "What is the purpose of the tutorials section?",
-        "What is the purpose of the reference section?",
+        "What is the role of the glossary page?",
+        "What is the role of the appendix page?",
     ]
     q, *entries = embedder.encode([query, *cached])
     assert q.tokens is not None
@@ -236,8 +256,8 @@ def test_token_alignment_of_float16_rows() -> None:
 
 def test_acronyms_and_answer_particles_tolerated(verifier: Verifier) -> None:
     assert verifier.check(
-        "Datasets is a library for NLP tasks.",
-        "Yes, Datasets is a library for natural language processing tasks.",
+        "Redis is a store for KV data.",
+        "Yes, Redis is a store for key value data.",
         0.9,
     ).accepted
 
@@ -245,3 +265,27 @@ def test_acronyms_and_answer_particles_tolerated(verifier: Verifier) -> None:
 def test_settings_forbid_unknown_fields() -> None:
     with pytest.raises(pydantic.ValidationError):
         VerifierSettings.model_validate({"min_similarity": 0.8, "threshold": 0.9})
+
+
+def test_min_alignment_rejects_a_candidate_that_covers_too_little() -> None:
+    query = "How do I learn chess openings?"
+    neighbors = [("How do I learn chess?", 0.9)]
+    query_tokens = np.eye(3, 8, dtype=np.float16)
+    covering = [np.eye(3, 8, dtype=np.float16)]
+    partial = [np.eye(3, 8, 3, dtype=np.float16)]  # no row shared with the query's
+    strict = Verifier(VerifierSettings(min_alignment=0.5))
+    kwargs = {"query_tokens": query_tokens}
+    assert strict.select(query, neighbors, **kwargs, neighbor_tokens=covering).index == 0
+    rejected = strict.select(query, neighbors, **kwargs, neighbor_tokens=partial)
+    assert rejected.index is None
+    assert rejected.verdict.reason == UNALIGNED
+    # Unknown tokens (entries stored without them): the other rules decide alone.
+    assert strict.select(query, neighbors, **kwargs, neighbor_tokens=[None]).index == 0
+    assert Verifier().select(query, neighbors, **kwargs, neighbor_tokens=partial).index == 0
+
+
+def test_strict_preset_is_stricter_than_the_defaults() -> None:
+    defaults = VerifierSettings()
+    assert STRICT.min_alignment > defaults.min_alignment
+    assert STRICT.min_margin >= defaults.min_margin
+    assert STRICT.min_similarity >= defaults.min_similarity
