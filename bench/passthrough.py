@@ -5,8 +5,11 @@ interleaved rounds (direct, proxy, direct, proxy, ...) after a warm-up:
 
 1. *responder*: against the minimal responder (``bench/responder.py``), whose own
    latency is tiny and steady, so differences are the proxy's overhead: added p50 /
-   p99 latency at concurrency 1, added time-to-first-token when streaming, and the
-   proxy process's CPU time per request.
+   p99 latency at concurrency 1, added time-to-first-token when streaming, the proxy
+   process's CPU time per request (and a stream's extra over a plain request), the
+   backend connections it opens per request (counted by the responder), and its
+   capacity: maximum throughput at concurrency 64, as a ratio to the bare uvicorn +
+   aiohttp relay (``bench/_relay.py``) run beside it against the same responder.
 2. *vllm*: against the real vLLM server at concurrency 1 and 64 with identical work
    per request (``temperature 0``, ``ignore_eos``, fixed ``max_tokens``): throughput
    and p50-latency ratios proxy / direct.
@@ -26,10 +29,11 @@ import asyncio
 import contextlib
 import json
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,12 +41,14 @@ import aiohttp
 
 from .common import (
     BenchError,
+    ClosedLoopClient,
     RawHTTPClient,
     SpawnedService,
     add_common_arguments,
     arun_interleaved,
     backend_urls,
     emit,
+    free_port,
     log,
     machine_info,
     median,
@@ -54,6 +60,7 @@ from .common import (
     sequential_round,
     spawn_proxy,
     spawn_responder,
+    spawn_service,
     wait_for_http,
 )
 
@@ -65,6 +72,8 @@ CHAT_PATH = "/v1/chat/completions"
 VLLM_PROMPT = "Write a short poem about the sea."
 # Streamed responder answers are paced so a proxy that buffers streams shows up in TTFT.
 STREAM_CHUNK_INTERVAL_MS = 1.0
+RESPONDER_STREAM_EVENTS = 4  # content events per streamed answer, then [DONE]
+CAPACITY_CONCURRENCY = 64
 # One rule matching everything, running no stage: the proxy's bare forwarding path.
 # (Without --policy the proxy runs its default policy, which caches results: a cache
 # hit would make the proxy look faster than the backend.)
@@ -95,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default=None,
         help="policy file for the proxy (default: a built-in policy that runs no stage)",
+    )
+    parser.add_argument(
+        "--capacity-requests",
+        type=int,
+        default=None,
+        help="responder part: requests per arm and round at concurrency 64 "
+        "(default 2000 quick / 6000 full)",
     )
     parser.add_argument("--model", default=None, help="vLLM model (default: from /v1/models)")
     parser.add_argument("--max-tokens", type=int, default=16, help="vLLM part: max_tokens")
@@ -128,6 +144,8 @@ class RoundStats:
     ttft_p50_ms: float
     elapsed_s: float
     cpu_s: float | None  # proxy CPU time over the round (None for the direct arm)
+    backend_connections: int | None = None
+    """Connections the responder accepted during the round (proxy arm only)."""
 
     @property
     def throughput(self) -> float:
@@ -166,15 +184,39 @@ def _with_proxy_cpu(
 
 
 def _replace_cpu(stats: RoundStats, cpu_s: float) -> RoundStats:
-    return RoundStats(
-        stats.requests,
-        stats.errors,
-        stats.p50_ms,
-        stats.p99_ms,
-        stats.ttft_p50_ms,
-        stats.elapsed_s,
-        cpu_s,
-    )
+    return replace(stats, cpu_s=cpu_s)
+
+
+class _ConnectionCounter:
+    """Reads how many connections the responder has accepted (``GET /stats``), over a
+    connection of its own opened once, so reading does not move the count."""
+
+    def __init__(self, responder_url: str) -> None:
+        self._client = RawHTTPClient(responder_url)
+        self._request = self._client.build_request("GET", "/stats")
+        self.opened()
+
+    def opened(self) -> int:
+        response = self._client.send(self._request)
+        if response.status != 200:
+            raise BenchError(f"responder GET /stats answered {response.status}")
+        return int(json.loads(response.body)["connections_opened"])
+
+    def counting(self, fn: Callable[[], RoundStats]) -> Callable[[], RoundStats]:
+        def wrapped() -> RoundStats:
+            before = self.opened()
+            stats = fn()
+            return replace(stats, backend_connections=self.opened() - before)
+
+        return wrapped
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _connections_per_request(rounds: list[RoundStats]) -> float:
+    opened = sum(r.backend_connections or 0 for r in rounds)
+    return ratio(opened, sum(r.requests + r.errors for r in rounds))
 
 
 def _progress(index: int, arm: str, stats: RoundStats) -> None:
@@ -284,6 +326,7 @@ def _c1_phase(
     stream: bool,
     per_round: int,
     rounds: int,
+    counter: _ConnectionCounter | None = None,
 ) -> dict[str, list[RoundStats]]:
     """Interleaved concurrency-1 rounds, one keep-alive connection per arm."""
     with RawHTTPClient(direct_url) as direct, RawHTTPClient(proxy.url) as via:
@@ -303,10 +346,10 @@ def _c1_phase(
 
             return run
 
-        arms = [
-            ("direct", one_round(direct, requests["direct"])),
-            ("proxy", _with_proxy_cpu(proxy, one_round(via, requests["proxy"]))),
-        ]
+        proxy_round = _with_proxy_cpu(proxy, one_round(via, requests["proxy"]))
+        if counter is not None:
+            proxy_round = counter.counting(proxy_round)
+        arms = [("direct", one_round(direct, requests["direct"])), ("proxy", proxy_round)]
         return run_interleaved(arms, rounds=rounds, warmup_rounds=1, on_round=_progress)
 
 
@@ -314,10 +357,12 @@ def _responder_part(args: argparse.Namespace) -> dict[str, object]:
     rounds = resolve_rounds(args, quick=6, full=12)
     per_round = args.requests_per_round or (1000 if args.quick else 3000)
     stream_per_round = max(20, per_round // 5)
+    capacity_total = args.capacity_requests or (2000 if args.quick else 6000)
     with (
         spawn_responder(model=RESPONDER_MODEL, chunk_interval_ms=STREAM_CHUNK_INTERVAL_MS) as resp,
         _policy_file(args) as policy,
         spawn_proxy([resp.url], policy=policy, base_command=args.proxy_command) as proxy,
+        contextlib.closing(_ConnectionCounter(resp.url)) as counter,
     ):
         log(f"responder part: non-streaming, c=1, {rounds} rounds x {per_round} requests")
         plain = _c1_phase(
@@ -327,6 +372,7 @@ def _responder_part(args: argparse.Namespace) -> dict[str, object]:
             stream=False,
             per_round=per_round,
             rounds=rounds,
+            counter=counter,
         )
         log(f"responder part: streaming, c=1, {rounds} rounds x {stream_per_round} requests")
         streamed = _c1_phase(
@@ -336,8 +382,18 @@ def _responder_part(args: argparse.Namespace) -> dict[str, object]:
             stream=True,
             per_round=stream_per_round,
             rounds=rounds,
+            counter=counter,
         )
-    return _responder_figures(plain, streamed, rounds, per_round, stream_per_round)
+        with _spawn_relay(resp.url) as relay:
+            log(
+                f"responder part: capacity, c={CAPACITY_CONCURRENCY}, "
+                f"{rounds} rounds x {capacity_total} requests"
+            )
+            capacity = _run_async(_capacity_phase(resp.url, relay, proxy, capacity_total, rounds))
+    return {
+        **_responder_figures(plain, streamed, rounds, per_round, stream_per_round),
+        **_capacity_figures(capacity, capacity_total),
+    }
 
 
 def _responder_figures(
@@ -349,12 +405,16 @@ def _responder_figures(
 ) -> dict[str, object]:
     direct, proxy = plain["direct"], plain["proxy"]
     sdirect, sproxy = streamed["direct"], streamed["proxy"]
+    plain_cpu, stream_cpu = _cpu_us_per_request(proxy), _cpu_us_per_request(sproxy)
     return {
         "added_p50_ms": rounded(_paired_diff(direct, proxy, "p50_ms")),
         "added_p99_ms": rounded(_paired_diff(direct, proxy, "p99_ms")),
         "added_ttft_p50_ms": rounded(_paired_diff(sdirect, sproxy, "ttft_p50_ms")),
-        "proxy_cpu_us_per_request": rounded(_cpu_us_per_request(proxy), 1),
-        "proxy_cpu_us_per_stream_request": rounded(_cpu_us_per_request(sproxy), 1),
+        "proxy_cpu_us_per_request": rounded(plain_cpu, 1),
+        "proxy_cpu_us_per_stream_request": rounded(stream_cpu, 1),
+        "stream_cpu_us_per_request": rounded(stream_cpu - plain_cpu, 1),
+        "backend_connections_per_request": rounded(_connections_per_request(proxy)),
+        "backend_connections_per_stream_request": rounded(_connections_per_request(sproxy)),
         "direct_p50_ms": rounded(_median_of(direct, "p50_ms")),
         "proxy_p50_ms": rounded(_median_of(proxy, "p50_ms")),
         "direct_p99_ms": rounded(_median_of(direct, "p99_ms")),
@@ -364,7 +424,83 @@ def _responder_figures(
         "responder_rounds": rounds,
         "responder_requests_per_round": per_round,
         "responder_stream_requests_per_round": stream_per_round,
+        "responder_stream_events": RESPONDER_STREAM_EVENTS,
         "responder_errors": _check_errors(plain, "responder") + _check_errors(streamed, "stream"),
+    }
+
+
+# ------------------------------------------------------------------- capacity part
+
+
+@contextlib.contextmanager
+def _spawn_relay(backend_url: str) -> Iterator[SpawnedService]:
+    """The bare uvicorn + aiohttp relay, the floor the proxy's capacity is compared with."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "leangate.bench._relay",
+        "serve",
+        "--port",
+        str(port),
+        "--backend-url",
+        backend_url,
+    ]
+    with spawn_service("relay", command, port=port) as relay:
+        yield relay
+
+
+async def _capacity_phase(
+    direct_url: str, relay: SpawnedService, proxy: SpawnedService, total: int, rounds: int
+) -> dict[str, list[RoundStats]]:
+    """Closed-loop rounds at concurrency 64, interleaved: direct, relay, proxy, ...
+
+    The direct arm shows the load generator's own ceiling: far above the relay's, the
+    servers under test are what saturates, not the client.
+    """
+    body = _chat_body(RESPONDER_MODEL, stream=False)
+    targets = {"direct": direct_url, "relay": relay.url, "proxy": proxy.url}
+    clients = {}
+    for name, url in targets.items():
+        request = RawHTTPClient(url).build_request("POST", CHAT_PATH, body)
+        clients[name] = ClosedLoopClient(url, request, CAPACITY_CONCURRENCY)
+        await clients[name].open()
+
+    def arm(name: str) -> Callable[[], Awaitable[RoundStats]]:
+        async def run() -> RoundStats:
+            start = time.perf_counter()
+            sample = await clients[name].run(total)
+            elapsed = time.perf_counter() - start
+            return _stats(sample.latencies, [], sample.errors, elapsed, None)
+
+        return run
+
+    try:
+        arms = [
+            ("direct", arm("direct")),
+            ("relay", _with_proxy_cpu_async(relay, arm("relay"))),
+            ("proxy", _with_proxy_cpu_async(proxy, arm("proxy"))),
+        ]
+        return await arun_interleaved(arms, rounds=rounds, warmup_rounds=1, on_round=_progress)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _capacity_figures(capacity: dict[str, list[RoundStats]], total: int) -> dict[str, object]:
+    direct, relay, proxy = capacity["direct"], capacity["relay"], capacity["proxy"]
+    suffix = f"c{CAPACITY_CONCURRENCY}"
+    return {
+        f"capacity_ratio_{suffix}": rounded(_paired_ratio(relay, proxy, "throughput")),
+        f"capacity_rps_{suffix}_proxy": rounded(_median_of(proxy, "throughput"), 1),
+        f"capacity_rps_{suffix}_relay": rounded(_median_of(relay, "throughput"), 1),
+        f"capacity_rps_{suffix}_direct": rounded(_median_of(direct, "throughput"), 1),
+        f"capacity_p50_ms_{suffix}_proxy": rounded(_median_of(proxy, "p50_ms"), 2),
+        f"capacity_p50_ms_{suffix}_relay": rounded(_median_of(relay, "p50_ms"), 2),
+        f"capacity_cpu_us_per_request_{suffix}_proxy": rounded(_cpu_us_per_request(proxy), 1),
+        f"capacity_cpu_us_per_request_{suffix}_relay": rounded(_cpu_us_per_request(relay), 1),
+        "capacity_requests_per_round": total,
+        "capacity_errors": _check_errors(capacity, "capacity"),
     }
 
 
@@ -599,6 +735,8 @@ _PLACEHOLDERS: dict[str, object] = {
         "added_p99_ms",
         "added_ttft_p50_ms",
         "proxy_cpu_us_per_request",
+        "stream_cpu_us_per_request",
+        "capacity_ratio_c64",
         "direct_p50_ms",
         "proxy_p50_ms",
         "throughput_ratio_c64",
@@ -644,6 +782,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "targets": {
                 "added_p50_ms_max": 0.75,
                 "proxy_cpu_us_per_request_max": 300,
+                "stream_cpu_us_per_request_max": 100,
+                "capacity_ratio_c64_min": 0.9,
                 "throughput_ratio_min": 0.97,
                 "latency_ratio_max": 1.02,
             },

@@ -10,11 +10,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 import numpy as np
 import pytest
 
 from leangate.bench.common import (
     BenchError,
+    ClosedLoopClient,
     RawHTTPClient,
     add_common_arguments,
     arun_interleaved,
@@ -33,6 +35,7 @@ from leangate.bench.common import (
     spawn_service,
     wait_for_http,
 )
+from leangate.bench.responder import ResponderConfig, start_responder
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 99.9, 100])
@@ -205,3 +208,42 @@ def test_wait_for_http_times_out_with_clear_error() -> None:
     port = free_port()  # nothing listens there
     with pytest.raises(BenchError, match="not answering GET /v1/models"):
         wait_for_http(f"http://127.0.0.1:{port}", timeout_s=0.5)
+
+
+async def test_closed_loop_client_keeps_n_connections_busy() -> None:
+    server = await start_responder(ResponderConfig())
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    client = ClosedLoopClient(
+        url, RawHTTPClient(url).build_request("POST", "/v1/chat/completions", body), 8
+    )
+    try:
+        await client.open()
+        first = await client.run(100)
+        second = await client.run(3)
+        nothing = await client.run(0)
+    finally:
+        client.close()
+    async with httpx.AsyncClient(trust_env=False) as http:
+        stats = (await http.get(url + "/stats")).json()
+    server.close()
+    await server.wait_closed()
+    assert (len(first.latencies), first.errors) == (100, 0)
+    assert (len(second.latencies), second.errors) == (3, 0)
+    assert (len(nothing.latencies), nothing.errors) == (0, 0)
+    assert stats["connections_opened"] == 8 + 1
+    assert stats["requests"] == 103 + 1
+
+
+async def test_closed_loop_client_counts_errors() -> None:
+    server = await start_responder(ResponderConfig())
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = ClosedLoopClient(url, RawHTTPClient(url).build_request("GET", "/nowhere"), 4)
+    try:
+        await client.open()
+        sample = await client.run(10)
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert (len(sample.latencies), sample.errors) == (0, 10)
