@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 from conftest import (
     MODEL,
@@ -237,6 +238,61 @@ def test_singleflight_coalesces_identical_misses(cached: ProxyThread) -> None:
     assert len(texts) == 1
 
 
+class _Timed:
+    """One streamed request's headers, text, and when its first and last chunks came."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.text = ""
+        self.first = self.last = 0.0
+        self.started = asyncio.Event()
+
+    async def read(self, http: httpx.AsyncClient, url: str, body: dict[str, object]) -> None:
+        async with http.stream(
+            "POST", url, json=body, headers={"authorization": "Bearer sk-alpha"}
+        ) as response:
+            assert response.status_code == 200
+            self.headers = dict(response.headers)
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                if not self.first:
+                    self.first = time.monotonic()
+                    self.started.set()
+                for choice in orjson.loads(line[6:]).get("choices") or []:
+                    self.text += choice.get("delta", {}).get("content") or ""
+            self.last = time.monotonic()
+
+
+def test_a_coalesced_stream_follows_the_leader_live(cached: ProxyThread) -> None:
+    body = _chat(
+        f"Tell a long story about {_unique()}.", stream=True, max_tokens=160, ignore_eos=True
+    )
+    before = backend_requests(cached)
+
+    async def leader_and_follower() -> tuple[_Timed, _Timed]:
+        leader, follower = _Timed(), _Timed()
+        url = cached.url + "/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=180) as http:
+            leading = asyncio.create_task(leader.read(http, url, body))
+            await asyncio.wait_for(leader.started.wait(), 120)
+            await follower.read(http, url, body)
+            await leading
+        return leader, follower
+
+    leader, follower = asyncio.run(leader_and_follower())
+    assert leader.headers["x-leangate-cache"] == "miss"
+    assert follower.headers["x-leangate-cache"] == "coalesced"
+    assert follower.text == leader.text and leader.text
+    assert backend_requests(cached) - before == 1
+    streaming = leader.last - leader.first
+    assert streaming > 1.0, "the leader's stream should take a while on CPU vLLM"
+    assert follower.first < leader.last - streaming / 2, (
+        f"the follower's first chunk came {leader.last - follower.first:.2f} s before the "
+        f"leader's stream ended, of {streaming:.2f} s"
+    )
+
+
 def test_admin_purge_by_tenant(cached: ProxyThread) -> None:
     body = _chat(f"Purge me. Ref {_unique()}.")
     _post(cached, body, key="sk-beta")
@@ -338,7 +394,9 @@ def test_redis_killed_mid_run_then_recovers(vllm_url: str, tmp_path: Path) -> No
                 assert answer.json()["choices"][0]["message"]["content"]
                 assert answer.headers.get("x-leangate-cache") != "hit-exact"
             metrics = httpx.get(proxy.url + "/metrics").text
-            assert 'leangate_stage_failed_open_total{reason="error",stage="cache"}' in metrics
+            assert 'leangate_cache_errors_total{operation="lookup"}' in metrics, (
+                "a dead store is a counted miss"
+            )
             redis_process = start_redis(port, tmp_path)
             deadline = time.monotonic() + 15
             status = ""

@@ -81,14 +81,16 @@ async def test_semantic_index_follows_expiry_and_other_replicas(store: Store) ->
     try:
         tag = uuid.uuid4().hex
         short, lasting = f"lg:t:{tag}:sem:short", f"lg:t:{tag}:sem:lasting"
-        await first.add(short, Entry("scope", "q1", "a1"), _embedding(1), ttl_s=0.3)
+        # Long enough for the other replica to load it on a busy machine, short enough
+        # to wait out.
+        await first.add(short, Entry("scope", "q1", "a1"), _embedding(1), ttl_s=1.5)
         await first.add(lasting, Entry("scope", "q2", "a2"), _embedding(2), ttl_s=60)
         for _ in range(50):
             if short in second.index and lasting in second.index:
                 break
             await asyncio.sleep(0.05)
         assert short in second.index and lasting in second.index, "the other replica saw both"
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.6)
         assert await second.sweep() >= 1
         assert short not in second.index and lasting in second.index
         await first.drop(lasting)
