@@ -26,7 +26,7 @@ def test_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = lv.LocalVLLMConfig()
     assert cfg.home == Path("~/.cache/leangate").expanduser()
     assert (cfg.host, cfg.port) == ("127.0.0.1", 8000)
-    assert cfg.max_model_len == 2048
+    assert cfg.max_model_len == 8192
     assert cfg.kv_cache_gib == 2
     assert cfg.startup_timeout_s == 600
     assert lv.MODEL_NAME == "SmolLM2-135M-Instruct"
@@ -57,12 +57,40 @@ def test_server_command_flags(tmp_path: Path) -> None:
     assert "--dtype float32" in joined
     assert "--max-model-len 1024" in joined
     assert "--port 8123" in joined
+    assert "--enable-prefix-caching" in cmd
     env = srv.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["VLLM_NO_USAGE_STATS"] == "1"
     assert not srv.owned
     srv.stop()  # no-op when nothing was started
+
+
+def test_default_command_serves_8k_context(tmp_path: Path) -> None:
+    cmd = lv.LocalVLLM(lv.LocalVLLMConfig(home=tmp_path)).command(tmp_path / "m")
+    assert cmd[cmd.index("--max-model-len") + 1] == "8192"
+
+
+def test_environment_keeps_compiled_model_under_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    env = lv.LocalVLLM(lv.LocalVLLMConfig(home=tmp_path)).environment()
+    assert env["VLLM_USE_AOT_COMPILE"] == "0"
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "vllm-cache" / "inductor")
+
+
+def test_environment_keeps_callers_cache_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "ci-cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    env = lv.LocalVLLM(lv.LocalVLLMConfig(home=tmp_path / "home")).environment()
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "ci-cache")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ci-cache" / "inductor")
 
 
 def test_is_serving_false_on_closed_port() -> None:
