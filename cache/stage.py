@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
 import orjson
@@ -109,11 +108,8 @@ class CacheStage:
         ctx.response_headers[CACHE_HEADER] = "miss"
         if not (controls.read and self.settings.singleflight):
             return await self._fetch(ctx, call_next, lookup, controls, None)
-        singleflight = self.cache.singleflight
-        flight, leader = singleflight.join(lookup.key)
+        flight, leader = self.cache.singleflight.join(lookup.key)
         if leader:
-            # However the request ends (answered, failed, dropped unread), the flight ends.
-            ctx.scope.defer(partial(singleflight.finish, flight, None))
             return await self._fetch(ctx, call_next, lookup, controls, flight)
         followed = await self._follow(ctx, flight)
         if followed is not None:
@@ -235,7 +231,11 @@ class CacheStage:
         flight: Flight | None,
     ) -> Result:
         """The backend's answer (through the rest of the chain), stored once complete; a
-        leader's (``flight``) is broadcast to its followers as it arrives."""
+        leader's (``flight``) is broadcast to its followers as it arrives.
+
+        However the request ends, the flight ends: here for an error or a whole answer, in
+        the stream's tee once read, and from the request's scope for a stream never read.
+        """
         end = _Ending(self, ctx, lookup, controls, flight)
         try:
             result = await call_next(ctx)
