@@ -18,7 +18,7 @@ from conftest import free_port, start_redis
 from leangate.cache.embedder import Embedding
 from leangate.cache.intermediate import IntermediateCache
 from leangate.cache.purge import purge
-from leangate.cache.semantic import Entry, SemanticCache
+from leangate.cache.semantic import Entry, SemanticCache, SemanticSettings
 from leangate.cache.services import CacheServices
 from leangate.cache.store import READ_COUNT, MemoryStore, MemoryStoreSettings, RedisStore, Store
 from leangate.middleware.metrics import Metrics
@@ -205,3 +205,14 @@ async def test_memory_sorted_index_is_bounded() -> None:
         assert await store.index_add("ix", f"m{n}", float(n)) <= 10
     await store.index_add("ix", "m95", 1000.0)  # re-scored: now the newest
     assert await store.index_pop_oldest("ix", 3) == ["m90", "m91", "m92"]
+
+
+async def test_semantic_entry_cap_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEANGATE_SEMANTIC_MAX_ENTRIES", "7")
+    assert SemanticSettings().max_entries == 7
+    semantic = SemanticCache(MemoryStore(), _NoModel(), SemanticSettings(max_entries=2))  # type: ignore[arg-type]
+    keys = [f"lg:t:n:sem:{n}" for n in range(3)]
+    for n, key in enumerate(keys):
+        await semantic.add(key, Entry("scope", f"q{n}", f"a{n}"), _embedding(n), ttl_s=60)
+    assert len(semantic) == 2 and keys[0] not in semantic.index, "the oldest went"
+    assert [keys[1], keys[2]] == [k for k in keys if k in semantic.index]
