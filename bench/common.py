@@ -762,8 +762,13 @@ class _LoadConnection(asyncio.Protocol):
         self._transport = None
         self._pool.connection_lost(self)
 
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None
+
     def send_next(self) -> None:
         if self._transport is None:
+            self._pool.fail(BenchError("closed-loop client: the server closed a connection"))
             return
         self._started = time.perf_counter()
         self._transport.write(self._pool.request)
@@ -811,8 +816,11 @@ class ClosedLoopClient:
         self._round: _LoadRound | None = None
 
     async def open(self) -> None:
+        """Open the connections, again any the server has closed since (servers close
+        idle keep-alive connections: uvicorn after 5 s)."""
+        self._connections = [c for c in self._connections if c.is_open]
         loop = asyncio.get_running_loop()
-        for _ in range(self.concurrency):
+        while len(self._connections) < self.concurrency:
             _, protocol = await loop.create_connection(
                 lambda: _LoadConnection(self), self.host, self.port
             )
@@ -822,12 +830,12 @@ class ClosedLoopClient:
     def close(self) -> None:
         for connection in self._connections:
             connection.close()
-        self._connections = []
 
     async def run(self, total: int) -> LatencySample:
         """Send ``total`` requests over all connections; time each one."""
         if total <= 0:
             return LatencySample()
+        await self.open()
         load = _LoadRound(total, asyncio.get_running_loop().create_future())
         self._round = load
         for connection in self._connections[:total]:
@@ -858,8 +866,7 @@ class ClosedLoopClient:
             self._round.finish(exc)
 
     def connection_lost(self, connection: _LoadConnection) -> None:
-        if connection in self._connections:
-            self.fail(BenchError("closed-loop client: the server closed a connection"))
+        self.fail(BenchError("closed-loop client: a connection closed during a round"))
 
 
 @dataclass
