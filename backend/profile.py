@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RUNNING_METRIC = "vllm:num_requests_running"
 WAITING_METRIC = "vllm:num_requests_waiting"
+TRAFFIC_SAMPLES_TO_TRUST = 16
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog near the riverbank. "
 
 
@@ -88,6 +89,9 @@ class BackendProfile:
         """(batch, context tokens, seconds per step)"""
         self.estimate = Estimate(0.05, 2000.0, 0.04, 0.005, 0.0)
         self.samples = 0
+        self.calibrated = False
+        """Set once ``calibrate`` ran or enough traffic was seen: before that, the
+        estimate is a prior, and cost-aware stages should not act on it."""
         self.reported_load = 0.0
         """Running plus waiting requests on the replicas, from their /metrics."""
 
@@ -103,6 +107,7 @@ class BackendProfile:
             context = batch * (sample.prompt_tokens + sample.completion_tokens / 2)
             self._decode.append((batch, context, step))
         self.samples += 1
+        self.calibrated = self.calibrated or self.samples >= TRAFFIC_SAMPLES_TO_TRUST
         self._refit()
 
     def _refit(self) -> None:
@@ -153,6 +158,7 @@ class BackendProfile:
         )
         for sample in eight:
             self.observe(sample)
+        self.calibrated = True
 
     def read_metrics(self, texts: Iterable[str]) -> None:
         """Take the load from the replicas' Prometheus texts."""

@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "passthrough": "leangate.bench.passthrough",
     "cache": "leangate.bench.cache",
     "profile": "leangate.bench.profile",
+    "sot": "leangate.bench.sot",
 }
 
 

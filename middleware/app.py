@@ -49,6 +49,7 @@ from leangate.middleware.gateway import Gateway
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.policy import Policy, load_policy, uses_semantic_cache
 from leangate.middleware.protocol import Route
+from leangate.middleware.registry import needs_of
 from leangate.middleware.services import Services
 from leangate.settings import Settings
 
@@ -120,6 +121,7 @@ def create_app(
             embedder=embedder,
             tokenizer=Tokenizer(backend, settings.tokenizer_dirs),
         )
+        await services.prepare(needs_of(policy.stage_names()))
         gateway = Gateway(services, policy)
         app.state.gateway = gateway
         app.state.settings = settings
@@ -133,6 +135,7 @@ def create_app(
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
+            await services.aclose()
             await cache.close()
             await backend.aclose()
 
@@ -162,6 +165,8 @@ def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | 
             metrics.policy_reloads.labels("rejected").inc()
             return
         gateway.use_policy(policy)
+        prepare = gateway.services.prepare(needs_of(policy.stage_names()))
+        asyncio.create_task(prepare, name="prepare-services")  # noqa: RUF006
         if uses_semantic_cache(policy):
             gateway.services.cache.semantic()  # starts loading the embedding model
         metrics.policy_reloads.labels("applied").inc()

@@ -22,6 +22,7 @@ async def forward(ctx: RequestContext) -> Result:
     )
     if not ctx.stream:
         return JsonResult(await response.read())
+    ctx.scope.defer(response.aclose)  # released even if nobody ever reads the stream
     return StreamResult(_relay(response), upstream=response)
 
 

@@ -57,6 +57,19 @@ class Metrics:
         self.cache_errors = Counter(
             "leangate_cache_errors", "Result cache store failures", ["operation"], registry=r
         )
+        self.planner_decisions = Counter(
+            "leangate_planner_decisions",
+            "Planner decisions: plan (outline, decompose) or answer directly, and why",
+            ["stage", "decision", "reason"],
+            registry=r,
+        )
+        self.planner_seconds = Histogram(
+            "leangate_planner_seconds",
+            "Planned requests: the cost model's predicted time and the actual time",
+            ["stage", "kind"],
+            buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.subrequests = Counter(
             "leangate_subrequests",
             "Backend calls stages made on behalf of a request",
@@ -75,6 +88,15 @@ class Metrics:
 
     def stage_failed_open(self, stage: str, reason: str) -> None:
         self.failed_open.labels(stage, reason).inc()
+
+    def planner_decided(self, stage: str, run: bool, reason: str) -> None:
+        self.planner_decisions.labels(stage, "plan" if run else "direct", reason).inc()
+
+    def planner_timed(self, stage: str, predicted_s: float, actual_s: float) -> None:
+        """A planned request's predicted and actual time (predicted 0: forced, none made)."""
+        if predicted_s > 0:
+            self.planner_seconds.labels(stage, "predicted").observe(predicted_s)
+        self.planner_seconds.labels(stage, "actual").observe(actual_s)
 
     def subrequest_done(self, stage: str, kind: str, outcome: str, usage: object) -> None:
         self.subrequests.labels(stage, kind, outcome).inc()

@@ -89,8 +89,7 @@ class StageClock:
     def enter_wait(self) -> None:
         if self._waiting == 0:
             self._wait_started = time.perf_counter()
-            if self._deadline is not None:
-                self._deadline.reschedule(None)
+            self._reschedule(None)
         self._waiting += 1
 
     def leave_wait(self) -> None:
@@ -98,9 +97,15 @@ class StageClock:
         if self._waiting:
             return
         self.waited_s += time.perf_counter() - self._wait_started
-        if self._deadline is not None and self.budget_s is not None:
+        if self.budget_s is not None:
             left = max(self.budget_s - self.own_s(), 0.0)
-            self._deadline.reschedule(asyncio.get_running_loop().time() + left)
+            self._reschedule(asyncio.get_running_loop().time() + left)
+
+    def _reschedule(self, when: float | None) -> None:
+        """Move the deadline, unless it already fired: the stage is then being cancelled
+        for overrunning its budget, and fails open."""
+        if self._deadline is not None and not self._deadline.expired():
+            self._deadline.reschedule(when)
 
     @contextlib.asynccontextmanager
     async def waiting(self) -> AsyncIterator[None]:

@@ -139,6 +139,9 @@ class Policy(_Strict):
             return f"key-{digest[:16]}"
         return tenant
 
+    def stage_names(self) -> set[str]:
+        return {spec.use for rule in self.rules for spec in rule.stages}
+
     def rule_for(self, route: Route, model: str, tenant: str) -> tuple[int, Rule] | None:
         for index, rule in enumerate(self.rules):
             if rule.match.fits(route, model, tenant):

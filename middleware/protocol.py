@@ -75,7 +75,7 @@ class RequestOptions(BaseModel):
     """Run only these of the policy's stages (``[]`` runs none)."""
     disable: list[str] = Field(default_factory=list)
     """Skip these of the policy's stages."""
-    cache_ttl_s: float | None = Field(None, gt=0)
+    cache_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Store this answer for at most this long."""
 
 

@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.metadata
 import logging
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -32,6 +33,7 @@ BUILTIN: dict[str, str] = {
     "passthrough": "leangate.middleware.stages:PassThrough",
     "example-fanout": "leangate.middleware.stages:ExampleFanout",
     "cache": "leangate.cache.stage:CacheStage",
+    "sot": "leangate.planners.sot:SotStage",
 }
 
 
@@ -56,6 +58,8 @@ class StageClass(Protocol):
 
     Settings: type[BaseModel]
     default_budget_ms: float | None
+    # Optionally ``needs: ClassVar[frozenset[str]]``: shared services to open before the
+    # first request ("embedder", "profile"); see ``Services.prepare``.
 
     def __call__(self, name: str, settings: Any, services: Services) -> Stage: ...
 
@@ -87,3 +91,11 @@ def stage_class(name: str) -> StageClass:
         raise ValueError(f"unknown stage {name!r}; known stages: {known}")
     cls: StageClass = import_from_string(stages[name])
     return cls
+
+
+def needs_of(stage_names: Iterable[str]) -> set[str]:
+    """The shared services the named stages declared they need."""
+    needs: set[str] = set()
+    for name in stage_names:
+        needs |= set(getattr(stage_class(name), "needs", ()))
+    return needs

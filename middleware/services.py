@@ -7,7 +7,11 @@ a model that is asked about.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from leangate.backend.client import BackendClient
 from leangate.backend.profile import BackendProfile
@@ -15,6 +19,10 @@ from leangate.backend.tokenizer import Tokenizer
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
 from leangate.middleware.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_RETRY_S = 10.0
 
 
 @dataclass
@@ -29,7 +37,36 @@ class Services:
     tokenizer: Tokenizer
     """Token counts for the served models (exact, or a fast estimate for budgets)."""
 
+    _calibration: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
     @property
     def profile(self) -> BackendProfile:
         """The backend's measured speeds and load, with ``predict`` for cost models."""
         return self.backend.profile
+
+    async def prepare(self, needs: Iterable[str]) -> None:
+        """Open what the policy's stages declared they need (``Stage.needs``) before the
+        first request: the embedder is loaded now; the backend profile is calibrated in
+        the background (cost-aware stages answer directly until it is)."""
+        wanted = set(needs)
+        if "embedder" in wanted and not self.embedder.loaded:
+            await asyncio.to_thread(self.embedder.load)
+        if "profile" in wanted and self._calibration is None and not self.profile.calibrated:
+            self._calibration = asyncio.create_task(self._calibrate(), name="profile-calibration")
+
+    async def _calibrate(self) -> None:
+        while True:
+            try:
+                model = str(self.backend.model_cards()[0]["id"])  # IndexError: none ready
+                await self.profile.calibrate(self.backend, model)
+                log.info("backend profile calibrated on %s: %s", model, self.profile.estimate)
+                return
+            except Exception as exc:
+                log.warning("calibrating the backend profile failed, retrying: %r", exc)
+                await asyncio.sleep(CALIBRATION_RETRY_S)
+
+    async def aclose(self) -> None:
+        if self._calibration is not None:
+            self._calibration.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._calibration

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+from openai.types.chat import ChatCompletionMessageParam
 
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.localvllm import LocalVLLMConfig
@@ -117,10 +118,12 @@ def test_example_stage_streams_both_parts_with_summed_usage(vllm_url: str, tmp_p
     policy = write_policy(tmp_path, EXAMPLE)
     with ProxyThread(proxy_settings(vllm_url, policy=policy)) as proxy:
         client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test")
-        messages = [{"role": "user", "content": "Why do leaves change colour in autumn?"}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "Why do leaves change colour in autumn?"}
+        ]
         stream = client.chat.completions.create(
             model=MODEL,
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
@@ -129,7 +132,7 @@ def test_example_stage_streams_both_parts_with_summed_usage(vllm_url: str, tmp_p
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         plain = client.chat.completions.create(
             model=MODEL,
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             temperature=0,
         )
     brief, _, example = text.partition("\n\nFor example: ")

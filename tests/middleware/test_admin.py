@@ -38,7 +38,7 @@ def test_a_non_ascii_admin_key_is_refused_not_a_crash(proxy: ProxyThread) -> Non
         response = httpx.post(
             proxy.url + "/admin/cache/purge",
             json={"tenant": "t"},
-            headers={"authorization": f"Bearer {key}".encode()},
+            headers={b"authorization": f"Bearer {key}".encode()},
         )
         assert response.status_code == 401, key
         assert response.json()["error"]["type"] == "authentication_error"

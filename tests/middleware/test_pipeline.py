@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.errors import BackendError, BackendTimeout
 from leangate.middleware.context import JsonResult, RequestContext, Result
-from leangate.middleware.pipeline import Handler, build_chain
+from leangate.middleware.pipeline import Handler, StageClock, build_chain
 from leangate.middleware.protocol import ChatCompletionRequest
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -257,3 +258,20 @@ async def test_an_invalid_rewrite_fails_the_stage_open() -> None:
     result = await build_chain([(Breaks(), 1.0)], endpoint, recorder)(make_ctx())
     assert isinstance(result, JsonResult) and result.body == b"none"
     assert recorder.failed == [("breaks", "error")]
+
+
+async def test_waits_leave_a_deadline_that_already_fired_alone() -> None:
+    """Another task's wait may end between the deadline firing and the stage being
+    cancelled; moving an expiring timeout raises (a 500, before)."""
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01) as deadline:
+            clock = StageClock(0.01, deadline)
+            clock.enter_wait()
+            deadline.reschedule(asyncio.get_running_loop().time())  # fires at once
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(1)  # the timeout expires and cancels this sleep
+            assert deadline.expired()
+            clock.leave_wait()  # must not raise
+            clock.enter_wait()
+            clock.leave_wait()
+            raise asyncio.CancelledError  # what the stage would have seen

@@ -1,0 +1,96 @@
+"""Skeleton-of-Thought's two kinds of prompts, and the outline as parsed data.
+
+The outline is generated under a regular expression (vLLM structured outputs), so even a
+135M model returns a numbered list of short points. It is still model output: parsing
+bounds the number and length of points, drops empty and duplicate ones, and keeps only
+plain text, so nothing in an outline can act as an instruction to the proxy. In the
+expansion prompts it is quoted as the outline of the answer, nothing more.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_POINTS = 8
+MIN_POINTS = 4
+POINT_CHARS = 28
+
+SKELETON_SYSTEM = (
+    "You plan answers before writing them. Reply with a numbered outline of the answer "
+    "to the user's question: {min_points} to {max_points} points, each a short phrase of "
+    "a few words. Write no explanations."
+)
+EXPAND_SYSTEM = (
+    "You write one part of a longer answer. You get the question, the outline of the "
+    "whole answer, and the one point to write. Write that point only, as one short "
+    "paragraph of two or three sentences. Do not repeat the outline or the title."
+)
+
+
+def skeleton_regex(min_points: int = MIN_POINTS, max_points: int = MAX_POINTS) -> str:
+    """A numbered list of ``min_points`` to ``max_points`` short lines."""
+    line = r"[A-Za-z][A-Za-z ,'&/-]{2,LIMIT}\n".replace("LIMIT", str(POINT_CHARS - 1))
+    required = "".join(rf"{i}\. {line}" for i in range(1, min_points + 1))
+    optional = "".join(rf"({i}\. {line})?" for i in range(min_points + 1, max_points + 1))
+    return required + optional
+
+
+@dataclass(frozen=True)
+class Outline:
+    points: tuple[str, ...]
+
+    def numbered(self) -> str:
+        return "\n".join(f"{i}. {point}" for i, point in enumerate(self.points, 1))
+
+
+_ITEM = re.compile(r"^\s*(\d{1,2})[.)]\s+(.+?)\s*$")
+_UNSAFE = re.compile(r"[^\w\s,;:'&()/+%.-]", re.UNICODE)
+
+
+def parse_outline(text: str, max_points: int = MAX_POINTS) -> Outline | None:
+    """The points of a numbered outline; None if it has fewer than ``MIN_POINTS``."""
+    points: list[str] = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        match = _ITEM.match(line)
+        if match is None:
+            continue
+        point = _clean(match.group(2))
+        key = point.lower().rstrip(".")
+        if not point or key in seen:
+            continue
+        seen.add(key)
+        points.append(point)
+        if len(points) == max_points:
+            break
+    return Outline(tuple(points)) if len(points) >= MIN_POINTS else None
+
+
+def _clean(point: str) -> str:
+    """Plain words only, bounded: a point is a title, not a place for markup or commands."""
+    plain = _UNSAFE.sub(" ", point)
+    return " ".join(plain.split())[:POINT_CHARS].strip(" .,;:-")
+
+
+def skeleton_messages(question: str) -> list[dict[str, str]]:
+    system = SKELETON_SYSTEM.format(min_points=MIN_POINTS, max_points=MAX_POINTS)
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def expand_messages(question: str, outline: Outline, index: int) -> list[dict[str, str]]:
+    """The prompt for point ``index`` (0-based). Everything up to the point's own line is
+    the same for every point, so vLLM's prefix cache computes it once. The answer is
+    started with the point's title (``EXPAND_FIELDS`` continue it), which keeps a small
+    model on that point instead of reciting the outline."""
+    shared = f"Question: {question}\n\nOutline:\n{outline.numbered()}\n\n"
+    point = outline.points[index]
+    return [
+        {"role": "system", "content": EXPAND_SYSTEM},
+        {"role": "user", "content": shared + f"Write point {index + 1}: {point}"},
+        {"role": "assistant", "content": f"{point}:"},
+    ]
+
+
+EXPAND_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
+"""vLLM fields that make the model continue the assistant message the prompt started."""

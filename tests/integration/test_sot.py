@@ -1,0 +1,112 @@
+"""The ``sot`` stage against the real vLLM server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+
+from leangate.bench.common import metric_total
+from leangate.planners.sot import PLAN_HEADER
+
+pytestmark = pytest.mark.integration
+
+POLICY = """
+rules:
+  - name: sot
+    stages: [{use: sot, settings: {mode: %s, skeleton_tokens: %d}}]
+"""
+QUESTION = "What are some good ways to keep a small apartment tidy?"
+
+
+def _proxy(vllm_url: str, tmp_path: Path, mode: str, skeleton_tokens: int = 64) -> ProxyThread:
+    policy = write_policy(tmp_path, POLICY % (mode, skeleton_tokens))
+    return ProxyThread(proxy_settings(vllm_url, policy=policy))
+
+
+def _body(question: str = QUESTION, **extra: object) -> dict[str, object]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 120,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def test_outline_then_points_with_summed_usage(vllm_url: str, tmp_path: Path) -> None:
+    with _proxy(vllm_url, tmp_path, "always") as proxy:
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=_body(), timeout=300)
+    response.raise_for_status()
+    plan = response.headers[PLAN_HEADER]
+    assert plan.startswith("sot; reason=policy-always; points=")
+    points = int(plan.split("points=")[1].split(";")[0])
+    text = response.json()["choices"][0]["message"]["content"]
+    for index in range(1, points + 1):
+        assert f"{index}. " in text
+    usage = response.json()["usage"]
+    # the outline and every point: at least points + 1 calls' prompts
+    assert usage["prompt_tokens"] > (points + 1) * 40
+    assert usage["completion_tokens"] > points
+
+
+def test_points_stream_in_order_and_overlap(vllm_url: str, tmp_path: Path) -> None:
+    with _proxy(vllm_url, tmp_path, "always") as proxy:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k", max_retries=0)
+        peak = 0.0
+        pieces = []
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=120,
+            temperature=0,
+            stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            if len(pieces) % 5 == 1:
+                peak = max(peak, metric_total(vllm_url, "vllm:num_requests_running"))
+    text = "".join(pieces)
+    positions = [text.find(f"{i}. ") for i in range(1, 5)]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), text
+    assert peak >= 3, "the points were generated at the same time"
+
+
+def test_an_outline_that_does_not_parse_answers_directly(vllm_url: str, tmp_path: Path) -> None:
+    with _proxy(vllm_url, tmp_path, "always", skeleton_tokens=16) as proxy:
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=_body(), timeout=300)
+        failed = metric_total(proxy.url, "leangate_stage_failed_open_total")
+    response.raise_for_status()
+    assert failed == 1
+    direct = httpx.post(f"{vllm_url}/v1/chat/completions", json=_body(), timeout=300).json()
+    content = response.json()["choices"][0]["message"]["content"]
+    assert content == direct["choices"][0]["message"]["content"]
+
+
+def test_the_router_sends_arithmetic_straight_on(vllm_url: str, tmp_path: Path) -> None:
+    with _proxy(vllm_url, tmp_path, "auto") as proxy:
+        body = _body("What is 12 times 7? Answer with the number.", max_tokens=8)
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=300)
+    response.raise_for_status()
+    assert response.headers[PLAN_HEADER] == "direct; reason=router"
+
+
+def test_a_client_that_leaves_stops_every_point(vllm_url: str, tmp_path: Path) -> None:
+    with _proxy(vllm_url, tmp_path, "always") as proxy, httpx.Client(timeout=300) as http:
+        body = _body(max_tokens=1200, stream=True)
+        with http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            deadline = time.monotonic() + 10  # vLLM's gauge follows its scheduler steps
+            while metric_total(vllm_url, "vllm:num_requests_running") < 3:
+                assert time.monotonic() < deadline, "the points are not running together"
+                time.sleep(0.1)
+        deadline = time.monotonic() + 2.0
+        while metric_total(vllm_url, "vllm:num_requests_running") > 0:
+            assert time.monotonic() < deadline, "points still run in vLLM for a gone client"
+            time.sleep(0.1)

@@ -1,0 +1,62 @@
+"""Outlines are model output: parsed as bounded data, whatever the model wrote."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from leangate.planners.skeleton import (
+    MAX_POINTS,
+    MIN_POINTS,
+    POINT_CHARS,
+    Outline,
+    expand_messages,
+    parse_outline,
+    skeleton_regex,
+)
+
+
+def test_a_plain_outline_parses() -> None:
+    text = "1. Plan the week\n2. Set priorities\n3) Limit distractions\n4. Rest well\n"
+    outline = parse_outline(text)
+    assert outline == Outline(
+        ("Plan the week", "Set priorities", "Limit distractions", "Rest well")
+    )
+
+
+def test_too_few_duplicate_or_empty_points_are_no_outline() -> None:
+    assert parse_outline("1. Only one\n2. Only one\n3. only one.\n4. ...\n") is None
+    assert parse_outline("no list at all") is None
+
+
+def test_the_regex_accepts_outlines_and_refuses_prose() -> None:
+    pattern = re.compile(skeleton_regex(MIN_POINTS, 6))
+    assert pattern.fullmatch("1. Sleep well\n2. Eat well\n3. Move daily\n4. Breathe slowly\n")
+    assert not pattern.fullmatch("1. Sleep well\n2. Eat well\n")
+    assert not pattern.fullmatch("1. Sleep 8 hours. 2. Eat\n2. a\n3. b\n4. c\n")
+
+
+@given(st.text(max_size=3000))
+def test_any_model_output_gives_a_bounded_outline_or_none(text: str) -> None:
+    outline = parse_outline(text)
+    if outline is None:
+        return
+    assert MIN_POINTS <= len(outline.points) <= MAX_POINTS
+    for point in outline.points:
+        assert 0 < len(point) <= POINT_CHARS
+        assert "\n" not in point and "<" not in point and "{" not in point
+    lowered = [p.lower() for p in outline.points]
+    assert len(set(lowered)) == len(lowered)
+
+
+@given(st.lists(st.text(min_size=1, max_size=200), min_size=MIN_POINTS, max_size=20))
+def test_hostile_points_stay_quoted_data(points: list[str]) -> None:
+    text = "".join(f"{i}. {p}\n" for i, p in enumerate(points, 1))
+    outline = parse_outline(text)
+    if outline is None:
+        return
+    messages = expand_messages("Why?", outline, 0)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[0]["content"] == expand_messages("Other?", outline, 1)[0]["content"]
