@@ -201,6 +201,11 @@ class BackendClient:
         """Requests this proxy has in flight to the replicas serving ``model``."""
         return sum(r.outstanding for r in self.replicas if model in r.models)
 
+    def batch_size(self, model: str) -> float:
+        """Sequences the backend is running now, as far as this proxy can tell: its own
+        requests, or the replicas' last reported load when other clients add to them."""
+        return max(float(self.outstanding(model)), self.profile.reported_load)
+
     def serves(self, model: str) -> bool:
         return any(r.serves(model) for r in self.replicas)
 

@@ -220,16 +220,16 @@ async def timed_request(backend: BackendClient, model: str, prompt: str, max_tok
     )
     first: float | None = None
     usage: dict[str, Any] = {}
-    batches: list[int] = []
+    batches: list[float] = []
     try:
         async for payload in iter_events(response.iter_chunks()):
             chunk = json.loads(payload)
             if chunk.get("choices") and first is None:
                 first = time.perf_counter() - started
-                batches.append(backend.outstanding(model))
+                batches.append(backend.batch_size(model))
             usage = chunk.get("usage") or usage
     finally:
-        batches.append(backend.outstanding(model))
+        batches.append(backend.batch_size(model))
         await response.aclose()
     total = time.perf_counter() - started
     return Sample(

@@ -121,7 +121,7 @@ def create_app(
             embedder=embedder,
             tokenizer=Tokenizer(backend, settings.tokenizer_dirs),
         )
-        await services.prepare(needs_of(policy.stage_names()))
+        await services.prepare(needs_of(policy.stage_specs()))
         gateway = Gateway(services, policy)
         app.state.gateway = gateway
         app.state.settings = settings
@@ -165,7 +165,7 @@ def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | 
             metrics.policy_reloads.labels("rejected").inc()
             return
         gateway.use_policy(policy)
-        prepare = gateway.services.prepare(needs_of(policy.stage_names()))
+        prepare = gateway.services.prepare(needs_of(policy.stage_specs()))
         asyncio.create_task(prepare, name="prepare-services")  # noqa: RUF006
         if uses_semantic_cache(policy):
             gateway.services.cache.semantic()  # starts loading the embedding model

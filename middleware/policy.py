@@ -139,8 +139,9 @@ class Policy(_Strict):
             return f"key-{digest[:16]}"
         return tenant
 
-    def stage_names(self) -> set[str]:
-        return {spec.use for rule in self.rules for spec in rule.stages}
+    def stage_specs(self) -> list[tuple[str, BaseModel]]:
+        """Every stage the rules run, with its validated settings."""
+        return [(spec.use, spec.validated_settings) for rule in self.rules for spec in rule.stages]
 
     def rule_for(self, route: Route, model: str, tenant: str) -> tuple[int, Rule] | None:
         for index, rule in enumerate(self.rules):

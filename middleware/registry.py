@@ -93,9 +93,13 @@ def stage_class(name: str) -> StageClass:
     return cls
 
 
-def needs_of(stage_names: Iterable[str]) -> set[str]:
-    """The shared services the named stages declared they need."""
+def needs_of(specs: Iterable[tuple[str, BaseModel]]) -> set[str]:
+    """The shared services that stages, with these settings, need opened at start-up: a
+    stage class declares them as ``needs`` or, when they depend on its settings, with a
+    ``needs_for(settings)`` class method."""
     needs: set[str] = set()
-    for name in stage_names:
-        needs |= set(getattr(stage_class(name), "needs", ()))
+    for name, settings in specs:
+        cls = stage_class(name)
+        needs_for = getattr(cls, "needs_for", None)
+        needs |= set(needs_for(settings) if needs_for else getattr(cls, "needs", ()))
     return needs

@@ -192,7 +192,7 @@ class SubStream:
         self.first_token_s: float | None = None
         self.done_s: float | None = None
         self.usage: dict[str, Any] | None = None
-        self._batch: list[int] = []
+        self._batch: list[float] = []
         self._ctx = ctx
         self._deadline = None if budget_s is None else self.started + budget_s
         self._task = ctx.scope.spawn(self._pump(ctx, through_chain), name="subrequest-stream")
@@ -232,7 +232,7 @@ class SubStream:
             return
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
-            self._batch.append(self._ctx.backend.outstanding(self._ctx.model))
+            self._batch.append(self._ctx.backend.batch_size(self._ctx.model))
         self._queue.put_nowait(chunk)
 
     def _teach_profile(self) -> None:
@@ -240,7 +240,7 @@ class SubStream:
         usage = self.usage or {}
         if self.first_token_s is None or not usage:
             return
-        self._batch.append(self._ctx.backend.outstanding(self._ctx.model) + 1)
+        self._batch.append(self._ctx.backend.batch_size(self._ctx.model) + 1)
         self._ctx.backend.profile.observe(
             Sample(
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),

@@ -85,7 +85,12 @@ class Decision:
 class SotStage:
     Settings: ClassVar[type[BaseModel]] = SotSettings
     default_budget_ms: ClassVar[float | None] = 250.0
-    needs: ClassVar[frozenset[str]] = frozenset({"embedder", "profile"})
+
+    @classmethod
+    def needs_for(cls, settings: SotSettings) -> frozenset[str]:
+        """The router's embedder and the cost model's profile, unless the policy forces
+        the decision."""
+        return frozenset({"embedder", "profile"}) if settings.mode == "auto" else frozenset()
 
     def __init__(self, name: str, settings: SotSettings, services: Services) -> None:
         self.name = name

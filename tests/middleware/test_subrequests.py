@@ -249,3 +249,34 @@ async def test_deferred_cleanups_run_once_when_the_request_ends() -> None:
     await ctx.scope.aclose()
     assert ran == ["async", "sync"]
     await client.aclose()
+
+
+async def test_through_chain_sub_requests_meet_the_later_stages() -> None:
+    backend = Backend()
+    client = await _client(backend)
+    seen: list[tuple[str, str]] = []
+
+    class Later:
+        name = "later"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            seen.append((ctx.tenant, ctx.body["messages"][-1]["content"]))
+            return await call_next(ctx)
+
+    class Asks:
+        name = "asks"
+
+        async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+            sub = ctx.subrequests
+            await sub.complete(_ask("through"), through_chain=True)
+            await sub.complete(_ask("around"))
+            return await call_next(ctx)
+
+    await build_chain([(Asks(), 1.0), (Later(), 1.0)], forward)(_ctx(client))
+    assert seen == [("acme", "through"), ("acme", "direct answer")]
+    assert [b["messages"][-1]["content"] for b in backend.bodies] == [
+        "through",
+        "around",
+        "direct answer",
+    ]
+    await client.aclose()
