@@ -20,7 +20,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -42,8 +42,14 @@ EMBEDDING_DIM = 384
 # ONNX Runtime behaves alike (see test figures in the module's commit message).
 # LEANGATE_EMBED_THREADS overrides it on machines with cores to spare.
 MAX_THREADS = 1
-# Larger batches amortise Python overhead; beyond this the padding waste dominates on CPU.
-BATCH_SIZE = 64
+# Texts per forward pass. The model is compute-bound on CPU (about 8 ms of one core for a
+# 29-token question), so batching saves only per-call overhead, while padding every text to
+# the batch's longest costs real compute. Measured here, 32 random questions (CPU time, sorted
+# by length, then split): ONNX 397 ms one by one, 376 in pairs, 387 in fours, 449 in eights,
+# 924 as one batch; torch 724 / 560 / 500 / 516 / 748.
+BATCH_SIZE = 4
+# Texts one round of the async worker takes from the queue (see ``Embedder._serve``).
+ROUND_TEXTS = 256
 # Content tokens kept per text (the first ones). 99% of the questions in mock_data.json have
 # fewer; the cap bounds the per-entry storage (float16: 768 bytes per token).
 MAX_TOKENS = 96
@@ -104,7 +110,7 @@ class EmbedderSettings(BaseSettings):
     threads: int = Field(MAX_THREADS, ge=1)
     """Intra-op threads of one forward pass (capped at the CPU count)."""
     max_batch: int = Field(BATCH_SIZE, ge=1)
-    """Texts per forward pass, for large requests and for coalesced concurrent callers."""
+    """Texts per forward pass (large requests and coalesced callers are split into passes)."""
     export_dir: Path | None = None
     """Where the ONNX export is kept; default ``$LEANGATE_HOME/embedders``."""
 
@@ -168,9 +174,10 @@ class Embedder:
 
     Runs on ONNX Runtime when it can (the model is exported once and cached on disk, see
     ``_onnx.py``), else on torch; both give the same vectors (cosine >= 0.999, checked when
-    the export is made). Async callers share one worker thread: calls that arrive while a
-    forward pass runs are coalesced into the next pass, so concurrent single-text calls cost
-    about one pass per burst rather than one each.
+    the export is made). Async callers share one worker thread: calls that arrive while it
+    is busy are served together in its next round, grouped by length into passes of
+    ``max_batch`` texts, shortest first, each caller answered as soon as its texts are done.
+    Sync callers run in their own thread; passes never overlap.
     """
 
     def __init__(self, model_path: Path | None = None, settings: EmbedderSettings | None = None):
@@ -289,15 +296,15 @@ class Embedder:
                 self._worker.start()
 
     def _serve(self) -> None:
-        """Take the oldest job plus every job already waiting (up to ``max_batch`` texts),
-        run them as one batch, and repeat."""
+        """Serve the queue in rounds: a round is every job waiting when it starts (up to
+        ``ROUND_TEXTS`` texts), so a job waits for at most the round before its own."""
         stop = False
         while not stop:
             job = self._queue.get()
             if job is None:
                 return
             jobs, size = [job], len(job.texts)
-            while size < self.settings.max_batch:
+            while size < ROUND_TEXTS:
                 try:
                     waiting = self._queue.get_nowait()
                 except queue.Empty:
@@ -307,44 +314,66 @@ class Embedder:
                     break
                 jobs.append(waiting)
                 size += len(waiting.texts)
-            self._serve_jobs(jobs)
+            self._serve_round(jobs)
 
-    def _serve_jobs(self, jobs: list[_Job]) -> None:
+    def _serve_round(self, jobs: list[_Job]) -> None:
+        """Run the round's texts shortest first, in passes of ``max_batch``, and answer each
+        job as soon as its last text is done (shortest first minimises the mean wait)."""
         texts = [text for job in jobs for text in job.texts]
+        owner = [(k, i) for k, job in enumerate(jobs) for i in range(len(job.texts))]
+        vectors = [np.empty((len(job.texts), EMBEDDING_DIM), dtype=np.float32) for job in jobs]
+        tokens: list[list[np.ndarray | None]] = [[None] * len(job.texts) for job in jobs]
+        left = [len(job.texts) for job in jobs]
         try:
-            vectors, tokens = self._run(texts, with_tokens=any(j.with_tokens for j in jobs))
+            for rows, pass_vectors, pass_tokens in self._passes(
+                texts, with_tokens=any(job.with_tokens for job in jobs)
+            ):
+                for row, vector, row_tokens in zip(rows, pass_vectors, pass_tokens, strict=True):
+                    k, i = owner[row]
+                    vectors[k][i], tokens[k][i] = vector, row_tokens
+                    left[k] -= 1
+                    if left[k] == 0:
+                        jobs[k].deliver((vectors[k], tokens[k]))
         except Exception as exc:
-            for job in jobs:
-                job.deliver(None, exc)
-            return
-        start = 0
-        for job in jobs:
-            end = start + len(job.texts)
-            job.deliver((vectors[start:end].copy(), tokens[start:end]))
-            start = end
+            for k, job in enumerate(jobs):
+                if left[k]:
+                    job.deliver(None, exc)
 
     # --- forward passes ------------------------------------------------------------------
 
     def _run(self, texts: list[str], *, with_tokens: bool) -> tuple[np.ndarray, list[Any]]:
+        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
+        tokens: list[np.ndarray | None] = [None] * len(texts)
+        for rows, vectors, row_tokens in self._passes(texts, with_tokens=with_tokens):
+            out[rows] = vectors
+            for i, t in zip(rows, row_tokens, strict=True):
+                tokens[i] = t
+        return out, tokens
+
+    def _passes(
+        self, texts: list[str], *, with_tokens: bool
+    ) -> Iterator[tuple[list[int], np.ndarray, list[np.ndarray | None]]]:
+        """Forward passes over ``texts``, shortest first: ``(rows, vectors, tokens)`` each.
+
+        A pass pads every text to its longest, and padding costs as much as real tokens, so
+        passes group texts of similar length.
+        """
         self.load()
         encoder = self._encoder
         assert encoder is not None
-        batch_size = self.settings.max_batch
-        # Batching texts of similar length keeps padding (wasted compute) small.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        tokens: list[np.ndarray | None] = [None] * len(texts)
-        with self._lock:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+        size = self.settings.max_batch
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            with self._lock:
                 states, pooled, ids, lengths = encoder.forward([texts[i] for i in rows])
                 self.forward_passes += 1
-                out[rows] = pooled
-                if with_tokens:
-                    for row, i in enumerate(rows):
-                        n = int(lengths[row])
-                        tokens[i] = _content_tokens(states[row, :n], ids[row, :n], encoder.content)
-        return _normalize(out), tokens
+            tokens: list[np.ndarray | None] = [None] * len(rows)
+            if with_tokens:
+                for row in range(len(rows)):
+                    n = int(lengths[row])
+                    tokens[row] = _content_tokens(states[row, :n], ids[row, :n], encoder.content)
+            yield rows, _normalize(pooled), tokens
 
 
 class _TorchEncoder:

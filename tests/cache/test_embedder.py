@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import subprocess
 import sys
@@ -331,21 +332,29 @@ async def start_blocked_pass(model: Embedder, text: str) -> asyncio.Task[np.ndar
     return task
 
 
+def sharing(embedder: Embedder, **settings: int) -> Embedder:
+    """A new embedder (own queue, worker and pass count) on ``embedder``'s loaded model."""
+    model = Embedder(settings=embedder.settings.model_copy(update=settings))
+    model._encoder = embedder._encoder
+    return model
+
+
 async def test_calls_arriving_during_a_pass_share_the_next_pass(embedder: Embedder) -> None:
+    model = sharing(embedder, max_batch=8)
     texts = [f"question {i}: how do I {verb} a file?" for i, verb in enumerate("abcdefgh")]
     alone = [embedder.encode([t])[0] for t in texts]
-    before = embedder.forward_passes
-    with embedder._lock:
-        first = await start_blocked_pass(embedder, "a question that is being embedded")
-        tasks = [asyncio.create_task(embedder.aencode([t])) for t in texts]
-        await wait_queued(embedder, len(texts))
+    with model._lock:
+        first = await start_blocked_pass(model, "a question that is being embedded")
+        tasks = [asyncio.create_task(model.aencode([t])) for t in texts]
+        await wait_queued(model, len(texts))
     await first
     results = await asyncio.gather(*tasks)
-    assert embedder.forward_passes - before == 2  # the running pass, then all eight
+    assert model.forward_passes == 2  # the running pass, then all eight
     for [got], want in zip(results, alone, strict=True):
         np.testing.assert_allclose(got.vector, want.vector, atol=1e-5)
         assert got.tokens is not None and want.tokens is not None
         np.testing.assert_allclose(got.tokens, want.tokens, atol=2e-3)
+    model.close()
 
 
 async def test_concurrent_single_calls_cost_far_fewer_passes(embedder: Embedder) -> None:
@@ -353,8 +362,29 @@ async def test_concurrent_single_calls_cost_far_fewer_passes(embedder: Embedder)
     alone = embedder.embed(texts)
     before = embedder.forward_passes
     results = await asyncio.gather(*(embedder.aembed([t]) for t in texts))
-    assert embedder.forward_passes - before <= 5  # typically 2: one, then the other 19
+    # Typically 1 + ceil(19 / max_batch) = 6 with the default of 4 texts per pass.
+    assert embedder.forward_passes - before <= 8
     np.testing.assert_allclose(np.concatenate(results), alone, atol=1e-5)
+
+
+def record(done: list[str], text: str, _: object) -> None:
+    done.append(text)
+
+
+async def test_a_round_answers_the_shortest_texts_first(embedder: Embedder) -> None:
+    model = sharing(embedder, max_batch=1)
+    done: list[str] = []
+    texts = ["a much longer question about the history of the Roman empire", "hi", "medium one"]
+    with model._lock:
+        first = await start_blocked_pass(model, "a question that is being embedded")
+        tasks = [asyncio.create_task(model.aembed([t])) for t in texts]
+        for text, task in zip(texts, tasks, strict=True):
+            task.add_done_callback(functools.partial(record, done, text))
+        await wait_queued(model, len(texts))
+    await first
+    await asyncio.gather(*tasks)
+    assert done == sorted(texts, key=len)
+    model.close()
 
 
 async def test_mixed_embed_and_encode_calls_share_a_pass(embedder: Embedder) -> None:
@@ -406,4 +436,18 @@ async def test_a_failed_pass_fails_its_callers_and_the_worker_survives(
     model.close()
     assert model._worker is None
     assert (await model.aembed(["the worker restarts"])).shape == (1, EMBEDDING_DIM)
+    model.close()
+
+
+async def test_a_request_split_over_passes_is_answered_whole_and_in_order(
+    embedder: Embedder,
+) -> None:
+    model = sharing(embedder, max_batch=1)
+    texts = ["a rather long question about compilers and their passes", "short", "mid length"]
+    results = await asyncio.gather(model.aencode(texts), model.aembed(texts[:1]))
+    assert model.forward_passes == 4
+    np.testing.assert_allclose(
+        np.stack([e.vector for e in results[0]]), embedder.embed(texts), atol=1e-5
+    )
+    np.testing.assert_allclose(results[1], embedder.embed(texts[:1]), atol=1e-5)
     model.close()
