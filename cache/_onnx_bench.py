@@ -50,9 +50,10 @@ def _ms(seconds: float) -> float:
 
 
 def _single(models: dict[str, Embedder], texts: list[str]) -> dict[str, float]:
-    """p50/p90 of one ``encode([text])`` per runtime, and of ``aencode`` (the cache's path)."""
+    """p50/p90 of one ``encode([text])`` per runtime (wall and this thread's CPU time, which
+    load from other processes inflates less), and of ``aencode`` (the cache's path)."""
     times: dict[str, list[float]] = {name: [] for name in models}
-    times |= {f"{name}_async": [] for name in models}
+    times |= {f"{name}_{kind}": [] for name in models for kind in ("cpu", "async")}
     names = list(models)
 
     async def one(model: Embedder, text: str) -> None:
@@ -62,9 +63,10 @@ def _single(models: dict[str, Embedder], texts: list[str]) -> dict[str, float]:
     try:
         for i, text in enumerate(texts):
             for name in names if i % 2 == 0 else names[::-1]:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 models[name].encode([text])
                 times[name].append(time.perf_counter() - start)
+                times[f"{name}_cpu"].append(time.thread_time() - cpu)
                 start = time.perf_counter()
                 loop.run_until_complete(one(models[name], text))
                 times[f"{name}_async"].append(time.perf_counter() - start)
