@@ -752,6 +752,8 @@ class _LoadConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._started = 0.0
+        self.waiting = False
+        """A request was sent and no byte of its answer has arrived yet."""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -766,11 +768,17 @@ class _LoadConnection(asyncio.Protocol):
     def is_open(self) -> bool:
         return self._transport is not None
 
+    @property
+    def partial(self) -> bool:
+        """Part of an answer has arrived, not all of it."""
+        return bool(self._buffer)
+
     def send_next(self) -> None:
         if self._transport is None:
-            self._pool.fail(BenchError("closed-loop client: the server closed a connection"))
+            self._pool.resend(self)
             return
         self._started = time.perf_counter()
+        self.waiting = True
         self._transport.write(self._pool.request)
 
     def close(self) -> None:
@@ -778,6 +786,7 @@ class _LoadConnection(asyncio.Protocol):
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self.waiting = False
         self._buffer += data
         buf = self._buffer
         end = buf.find(b"\r\n\r\n")
@@ -814,18 +823,21 @@ class ClosedLoopClient:
         self.concurrency = concurrency
         self._connections: list[_LoadConnection] = []
         self._round: _LoadRound | None = None
+        self._resends: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open the connections, again any the server has closed since (servers close
         idle keep-alive connections: uvicorn after 5 s)."""
         self._connections = [c for c in self._connections if c.is_open]
-        loop = asyncio.get_running_loop()
         while len(self._connections) < self.concurrency:
-            _, protocol = await loop.create_connection(
-                lambda: _LoadConnection(self), self.host, self.port
-            )
-            await protocol.ready
-            self._connections.append(protocol)
+            self._connections.append(await self._connect())
+
+    async def _connect(self) -> _LoadConnection:
+        _, protocol = await asyncio.get_running_loop().create_connection(
+            lambda: _LoadConnection(self), self.host, self.port
+        )
+        await protocol.ready
+        return protocol
 
     def close(self) -> None:
         for connection in self._connections:
@@ -866,7 +878,28 @@ class ClosedLoopClient:
             self._round.finish(exc)
 
     def connection_lost(self, connection: _LoadConnection) -> None:
-        self.fail(BenchError("closed-loop client: a connection closed during a round"))
+        """A server may close an idle keep-alive connection just as a request is sent on
+        it; like a browser, send that request again on a new connection."""
+        if self._round is None:
+            return
+        if connection.partial:
+            self.fail(BenchError("closed-loop client: a connection closed inside an answer"))
+        elif connection.waiting:
+            self.resend(connection)
+
+    def resend(self, lost: _LoadConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self._resend(lost))
+        self._resends.add(task)
+        task.add_done_callback(self._resends.discard)
+
+    async def _resend(self, lost: _LoadConnection) -> None:
+        try:
+            fresh = await self._connect()
+        except OSError as exc:
+            self.fail(exc)
+            return
+        self._connections[self._connections.index(lost)] = fresh
+        fresh.send_next()
 
 
 @dataclass

@@ -250,3 +250,21 @@ async def test_closed_loop_client_counts_errors() -> None:
         server.close()
         await server.wait_closed()
     assert (len(sample.latencies), sample.errors) == (0, 10)
+
+
+async def test_closed_loop_client_resends_on_connections_the_server_closes() -> None:
+    server = await start_responder(ResponderConfig())
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    client = ClosedLoopClient(url, request, 4)
+    try:
+        sample = await client.run(40)
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert (len(sample.latencies), sample.errors) == (40, 0)
