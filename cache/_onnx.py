@@ -196,7 +196,7 @@ class OnnxEncoder:
         threads: int,
         content_mask: Callable[[Sequence[str], set[str]], np.ndarray] | None = None,
     ) -> None:
-        import onnxruntime as ort  # type: ignore[import-untyped]
+        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))

@@ -415,7 +415,7 @@ class _TorchEncoder:
 
 def _onnx_encoder(path: Path, settings: EmbedderSettings) -> _Encoder:
     # Fail before a pointless export when the runtime is missing.
-    import onnxruntime  # type: ignore[import-untyped]  # noqa: F401
+    import onnxruntime  # noqa: F401
 
     from leangate.cache import _onnx
 

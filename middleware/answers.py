@@ -16,15 +16,19 @@ import orjson
 from leangate.middleware.protocol import Route
 
 
-def answer_text(route: Route, answer: dict[str, Any]) -> str:
-    """The first choice's text of a whole answer ("" if there is none)."""
-    choices = answer.get("choices") or []
+def _first_text(route: Route, payload: dict[str, Any], chat_field: str) -> str:
+    choices = payload.get("choices") or []
     if not choices:
         return ""
     choice = choices[0]
     if route == "chat":
-        return str((choice.get("message") or {}).get("content") or "")
+        return str((choice.get(chat_field) or {}).get("content") or "")
     return str(choice.get("text") or "")
+
+
+def answer_text(route: Route, answer: dict[str, Any]) -> str:
+    """The first choice's text of a whole answer ("" if there is none)."""
+    return _first_text(route, answer, "message")
 
 
 def finish_reason(answer_or_chunk: dict[str, Any]) -> str | None:
@@ -34,13 +38,7 @@ def finish_reason(answer_or_chunk: dict[str, Any]) -> str | None:
 
 def delta_text(route: Route, chunk: dict[str, Any]) -> str:
     """The first choice's new text in one streamed chunk."""
-    choices = chunk.get("choices") or []
-    if not choices:
-        return ""
-    choice = choices[0]
-    if route == "chat":
-        return str((choice.get("delta") or {}).get("content") or "")
-    return str(choice.get("text") or "")
+    return _first_text(route, chunk, "delta")
 
 
 def _completion_id(route: Route) -> str:

@@ -48,23 +48,50 @@ _ITEM = re.compile(r"^\s*(\d{1,2})[.)]\s+(.+?)\s*$")
 _UNSAFE = re.compile(r"[^\w\s,;:'&()/+%.-]", re.UNICODE)
 
 
-def parse_outline(text: str, max_points: int = MAX_POINTS) -> Outline | None:
-    """The points of a numbered outline; None if it has fewer than ``MIN_POINTS``."""
-    points: list[str] = []
-    seen: set[str] = set()
-    for line in text.splitlines():
+class PointReader:
+    """Reads an outline line by line as it is generated: each new, distinct point is
+    returned as soon as its line is complete, so its expansion can start at once."""
+
+    def __init__(self, max_points: int = MAX_POINTS) -> None:
+        self.max_points = max_points
+        self.points: list[str] = []
+        self._seen: set[str] = set()
+        self._pending = ""
+
+    @property
+    def full(self) -> bool:
+        return len(self.points) >= self.max_points
+
+    def feed(self, text: str) -> list[str]:
+        """New points completed by ``text``."""
+        *lines, self._pending = (self._pending + text).split("\n")
+        return [point for line in lines if (point := self._take(line)) is not None]
+
+    def close(self) -> list[str]:
+        """Points on a last line without a newline."""
+        line, self._pending = self._pending, ""
+        point = self._take(line)
+        return [] if point is None else [point]
+
+    def _take(self, line: str) -> str | None:
         match = _ITEM.match(line)
-        if match is None:
-            continue
+        if match is None or self.full:
+            return None
         point = _clean(match.group(2))
         key = point.lower().rstrip(".")
-        if not point or key in seen:
-            continue
-        seen.add(key)
-        points.append(point)
-        if len(points) == max_points:
-            break
-    return Outline(tuple(points)) if len(points) >= MIN_POINTS else None
+        if not point or key in self._seen:
+            return None
+        self._seen.add(key)
+        self.points.append(point)
+        return point
+
+
+def parse_outline(text: str, max_points: int = MAX_POINTS) -> Outline | None:
+    """The points of a numbered outline; None if it has fewer than ``MIN_POINTS``."""
+    reader = PointReader(max_points)
+    reader.feed(text)
+    reader.close()
+    return Outline(tuple(reader.points)) if len(reader.points) >= MIN_POINTS else None
 
 
 def _clean(point: str) -> str:

@@ -18,3 +18,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
 else
   echo "==> .venv is up to date"
 fi
+
+# The embedder runs on ONNX Runtime from a one-time export of the bundled MiniLM; make it
+# here rather than inside the first test or request that loads the embedder.
+.venv/bin/python - <<'PY'
+from leangate.cache.embedder import Embedder
+
+embedder = Embedder()
+embedder.load()
+print("==> embedder ready on", embedder.backend)
+embedder.close()
+PY
