@@ -251,7 +251,9 @@ def ensure_model(cfg: LocalVLLMConfig) -> Path:
             return out
         t0 = time.monotonic()
         _say(f"converting {MODEL_NAME} GGUF -> {out}")
-        _run([py, CONVERT_SCRIPT, out], cfg)
+        # -P: the script's folder (leangate's backend/, with its profile.py and tokenizer.py)
+        # must not shadow the standard library inside the vLLM venv.
+        _run([py, "-P", CONVERT_SCRIPT, out], cfg)
         if not (out / MODEL_MARKER).is_file():
             raise RuntimeError(f"model conversion did not produce {out / MODEL_MARKER}")
         _say(f"model ready in {time.monotonic() - t0:.0f}s")
