@@ -16,16 +16,20 @@ them in vLLM.
     return sub.join([Part(p, before=f"{i}. ") for i, p in enumerate(parts, 1)])
 
 ``join`` streams the parts in order, each as soon as the ones before it are done, while
-later parts are still being generated. Before its first byte it fails open (the client
-gets the answer the rest of the chain gives, as if the stage were off); after it, a failure
-ends the stream with an error event, never with ``[DONE]``.
+later parts are still being generated. The parts may also come from an async iterator
+(an async generator that starts each part when it knows what to ask, e.g. as an outline
+streams in): ``join`` pulls it ahead in a task of its own, so a part is started as soon as
+the iterator yields it, not when the client has read the parts before it. Before its first
+byte it fails open (the client gets the answer the rest of the chain gives, as if the
+stage were off); after it, a failure ends the stream with an error event, never with
+``[DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +46,7 @@ from leangate.middleware.context import (
     close_stream,
 )
 from leangate.middleware.endpoint import forward
-from leangate.middleware.pipeline import StageFrame, current_frame
+from leangate.middleware.pipeline import StageClock, StageFrame, current_frame
 from leangate.middleware.protocol import Route
 
 
@@ -116,12 +120,16 @@ class SubRequests:
         sub = self._derive(body, route, stream=True)
         return SubStream(self, sub, through_chain, budget_s)
 
-    def join(self, parts: Sequence[Part], *, finish: str | None = None) -> StreamResult:
+    def join(
+        self, parts: Sequence[Part] | AsyncIterable[Part], *, finish: str | None = None
+    ) -> StreamResult:
         """The client's stream: each part's text in order (see the module docstring).
 
         ``finish`` is the final finish reason; by default the last part's.
         """
-        return StreamResult(_joined(self, list(parts), finish))
+        if isinstance(parts, Sequence):
+            return StreamResult(_joined(self, _Parts.given(parts), finish))
+        return StreamResult(_joined(self, _Parts.pulled(self.ctx, parts), finish))
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -300,21 +308,87 @@ class SubStream:
 class Part:
     """One piece of a joined answer: ``before`` (a heading, a separator), then the text
     of ``stream``, if any. ``before`` is held back until the stream's first token, so a
-    part that fails before it never leaves a dangling heading."""
+    part that fails before it never leaves a dangling heading.
 
-    stream: SubStream | None = None
+    ``stream`` is a ``SubStream`` or any async iterable of chunks shaped like the
+    backend's (``choices[0].delta.content`` or ``choices[0].text``); one with a
+    ``close()`` method is closed when the joined stream ends."""
+
+    stream: AsyncIterable[dict[str, Any]] | None = None
     before: str = ""
 
+    def close(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()
 
-async def _joined(
-    owner: SubRequests, parts: list[Part], finish: str | None
-) -> AsyncIterator[bytes]:
+
+class _Parts:
+    """The parts of a join, in order: a given list, or pulled ahead from an async
+    iterator by a task of the request's scope into a queue."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Part | _End] = asyncio.Queue()
+        self._seen: list[Part] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def given(cls, parts: Sequence[Part]) -> _Parts:
+        given = cls()
+        for part in parts:
+            given._queue.put_nowait(part)
+        given._queue.put_nowait(_End())
+        return given
+
+    @classmethod
+    def pulled(cls, ctx: RequestContext, parts: AsyncIterable[Part]) -> _Parts:
+        pulled = cls()
+        pulled._task = ctx.scope.spawn(pulled._pull(parts), name="join-parts")
+        return pulled
+
+    async def _pull(self, parts: AsyncIterable[Part]) -> None:
+        try:
+            async for part in parts:
+                self._queue.put_nowait(part)
+        except Exception as exc:
+            self._queue.put_nowait(_End(exc))
+        else:
+            self._queue.put_nowait(_End())
+
+    async def next(self, clock: StageClock) -> Part | None:
+        """The next part; None after the last. Raises what the iterator raised."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            async with clock.waiting():
+                item = await self._queue.get()
+        if isinstance(item, _End):
+            self._queue.put_nowait(item)
+            if item.error is not None:
+                raise item.error
+            return None
+        self._seen.append(item)
+        return item
+
+    def close(self) -> None:
+        """Stop pulling, and every part started so far."""
+        if self._task is not None:
+            self._task.cancel()
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, Part):
+                self._seen.append(item)
+        for part in self._seen:
+            part.close()
+
+
+async def _joined(owner: SubRequests, parts: _Parts, finish: str | None) -> AsyncIterator[bytes]:
     ctx, frame = owner.ctx, owner.frame
     writer = ChunkWriter(ctx.route, ctx.model)
     sent = False
     last_reason = "stop"
     try:
-        for part in parts:
+        while (part := await parts.next(frame.clock)) is not None:
             pending = part.before
             if part.stream is not None:
                 async for chunk in part.stream:
@@ -337,9 +411,7 @@ async def _joined(
         async for payload in _as_if_off(frame, exc):
             yield payload
     finally:
-        for part in parts:
-            if part.stream is not None:
-                part.stream.close()
+        parts.close()
 
 
 async def _as_if_off(frame: StageFrame, exc: Exception) -> AsyncIterator[bytes]:

@@ -9,8 +9,11 @@ expansion prompts it is quoted as the outline of the answer, nothing more.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 MAX_POINTS = 8
 MIN_POINTS = 4
@@ -23,8 +26,8 @@ SKELETON_SYSTEM = (
 )
 EXPAND_SYSTEM = (
     "You write one part of a longer answer. You get the question, the outline of the "
-    "whole answer, and the one point to write. Write that point only, as one short "
-    "paragraph of two or three sentences. Do not repeat the outline or the title."
+    "answer up to this part, and the one point to write. Write that point only, as one "
+    "short paragraph of two or three sentences. Do not repeat the outline or the title."
 )
 
 
@@ -105,13 +108,16 @@ def skeleton_messages(question: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-def expand_messages(question: str, outline: Outline, index: int) -> list[dict[str, str]]:
-    """The prompt for point ``index`` (0-based). Everything up to the point's own line is
-    the same for every point, so vLLM's prefix cache computes it once. The answer is
-    started with the point's title (``EXPAND_FIELDS`` continue it), which keeps a small
-    model on that point instead of reciting the outline."""
+def expand_messages(question: str, points: Sequence[str], index: int) -> list[dict[str, str]]:
+    """The prompt for point ``index`` (0-based) of ``points``, the outline read so far:
+    a point is expanded as soon as its line is out, before the outline is finished.
+    Everything up to the outline's end is shared with the other points' prompts, so
+    vLLM's prefix cache computes it once. The answer is started with the point's title
+    (``EXPAND_FIELDS`` continue it), which keeps a small model on that point instead of
+    reciting the outline."""
+    outline = Outline(tuple(points[: index + 1]))
     shared = f"Question: {question}\n\nOutline:\n{outline.numbered()}\n\n"
-    point = outline.points[index]
+    point = points[index]
     return [
         {"role": "system", "content": EXPAND_SYSTEM},
         {"role": "user", "content": shared + f"Write point {index + 1}: {point}"},
@@ -121,3 +127,55 @@ def expand_messages(question: str, outline: Outline, index: int) -> list[dict[st
 
 EXPAND_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
 """vLLM fields that make the model continue the assistant message the prompt started."""
+
+
+_TITLE_SO_FAR = re.compile(r"1\. [A-Za-z][A-Za-z ,'&/-]*")
+_TITLE_START = re.compile(r"1?\.? ?")
+
+
+class FirstTitle:
+    """The outline's first line, as the model writes it, as the first words of the
+    client's answer ("1. Keep surfaces clear"), so the answer starts streaming before the
+    line, or point 1's expansion, is done.
+
+    Only what the outline's own pattern allows is shown (plain letters and a few marks,
+    at most ``POINT_CHARS`` of them), trailing marks held back; anything else ends the
+    title without showing more. Iterating yields chunks shaped like the backend's."""
+
+    def __init__(self, route: str) -> None:
+        self._route = route
+        self._line = ""
+        self._open = True
+        self.shown = ""
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def feed(self, text: str) -> None:
+        """More of the outline; only its first line is used."""
+        if not self._open:
+            return
+        head, newline, _ = text.partition("\n")
+        self._line += head
+        if _TITLE_SO_FAR.fullmatch(self._line) and len(self._line) <= POINT_CHARS + 3:
+            visible = self._line.rstrip(" ,'&/-")
+            if len(visible) > len(self.shown):
+                self._queue.put_nowait(visible[len(self.shown) :])
+                self.shown = visible
+        elif not _TITLE_START.fullmatch(self._line):
+            self.end()
+        if newline:
+            self.end()
+
+    def end(self) -> None:
+        if self._open:
+            self._open = False
+            self._queue.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        while (piece := await self._queue.get()) is not None:
+            if self._route == "chat":
+                yield {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            else:
+                yield {"choices": [{"index": 0, "text": piece}]}

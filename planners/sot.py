@@ -18,26 +18,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from leangate.middleware.answers import answer_text, finish_reason, whole_answer
+from leangate.middleware.answers import delta_text, whole_answer
 from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.services import Services
-from leangate.middleware.subrequests import Part, SubRequests
+from leangate.middleware.subrequests import Part, SubStream
 from leangate.planners.router import RouterWeights
 from leangate.planners.skeleton import (
     EXPAND_FIELDS,
     MAX_POINTS,
     MIN_POINTS,
-    Outline,
+    FirstTitle,
+    PointReader,
     expand_messages,
-    parse_outline,
     skeleton_messages,
     skeleton_regex,
 )
@@ -97,6 +98,7 @@ class SotStage:
         self.settings = settings
         self.services = services
         self.router = RouterWeights.load()
+        self._points_expected = float(settings.max_points)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         question = _question(ctx)
@@ -107,14 +109,12 @@ class SotStage:
         self.services.metrics.planner_decided(self.name, decision.run, decision.reason)
         if not decision.run:
             return await call_next(ctx)
-        started = time.perf_counter()
-        outline = await self._outline(ctx, question)
-        skeleton_s = time.perf_counter() - started
-        ctx.response_headers[PLAN_HEADER] += (
-            f"; points={len(outline.points)}; skeleton_s={skeleton_s:.2f}"
-        )
-        result = await self._expand(ctx, question, outline)
-        ctx.scope.defer(lambda: self._record(decision, started))
+        answer = _Answer(self, ctx, question)
+        ctx.scope.defer(lambda: self._record(decision, answer))
+        if ctx.stream:
+            return ctx.subrequests.join(answer.parts())
+        result = await answer.whole()
+        ctx.response_headers[PLAN_HEADER] += f"; points={len(answer.points)}"
         return result
 
     # --- deciding ----------------------------------------------------------------------------
@@ -147,64 +147,112 @@ class SotStage:
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         return int(cap) if cap else self.settings.default_max_tokens
 
-    # --- planning ----------------------------------------------------------------------------
+    def expansion_tokens(self, ctx: RequestContext) -> int:
+        """Each point's token cap: the answer's cap shared by the points expected, which
+        are counted from this stage's finished outlines (a point is started before the
+        outline's length is known)."""
+        return max(int(self._answer_tokens(ctx) / self._points_expected), 16)
 
-    async def _outline(self, ctx: RequestContext, question: str) -> Outline:
+    def _record(self, decision: Decision, answer: _Answer) -> None:
+        if answer.points:
+            self._points_expected += 0.1 * (len(answer.points) - self._points_expected)
+        actual = time.perf_counter() - answer.started
+        self.services.metrics.planner_timed(self.name, decision.sot_s, actual)
+
+
+class _Answer:
+    """One SoT answer as it is made: the outline is streamed, and each point is expanded
+    as soon as its line is complete, while the model is still writing the next ones."""
+
+    def __init__(self, stage: SotStage, ctx: RequestContext, question: str) -> None:
+        self.ctx = ctx
+        self.question = question
+        self.settings = stage.settings
+        self.per_point = stage.expansion_tokens(ctx)
+        self.reader = PointReader(self.settings.max_points)
+        self.started = time.perf_counter()
+        self.sub = ctx.subrequests
+        self.outline = self.sub.stream(self._outline_body(), budget_s=self.settings.point_budget_s)
+
+    @property
+    def points(self) -> list[str]:
+        return self.reader.points
+
+    async def parts(self) -> AsyncIterator[Part]:
+        """The streamed answer's parts. The outline's first line is shown as it is
+        written (the answer's first words, so the client's first token waits for neither
+        the whole line nor point 1's expansion); then point 1's text follows it, and each
+        later point comes with its heading."""
+        title = FirstTitle(self.ctx.route)
+        yield Part(title)
+        try:
+            async for index, stream in self._expansions(on_text=title.feed):
+                shown = index == 0 and title.shown
+                yield Part(stream, before=": " if shown else _heading(index, self.points[index]))
+        finally:
+            title.end()
+        if not self.points:
+            raise SkeletonError("the outline has no usable point")
+
+    async def whole(self) -> Result:
+        streams = [stream async for _, stream in self._expansions()]
+        if len(streams) < MIN_POINTS:
+            for stream in streams:
+                stream.close()
+            raise SkeletonError("the outline has too few usable points")
+        texts = await asyncio.gather(*(stream.text() for stream in streams))
+        text = "".join(
+            _heading(i, point) + body.strip()
+            for i, (point, (body, _)) in enumerate(zip(self.points, texts, strict=True))
+        )
+        finish = "length" if any(reason == "length" for _, reason in texts) else "stop"
+        usage = self.ctx.scope.usage.as_dict()
+        return JsonResult(
+            orjson.dumps(whole_answer(self.ctx.route, self.ctx.model, text, finish, usage))
+        )
+
+    async def _expansions(
+        self, on_text: Callable[[str], None] | None = None
+    ) -> AsyncIterator[tuple[int, SubStream]]:
+        """Each point's index and expansion, started as soon as its line is read."""
+        try:
+            async for chunk in self.outline:
+                text = delta_text(self.ctx.route, chunk)
+                if on_text is not None:
+                    on_text(text)
+                for _ in self.reader.feed(text):
+                    yield self._expand(len(self.points) - 1)
+            for _ in self.reader.close():
+                yield self._expand(len(self.points) - 1)
+        finally:
+            self.outline.close()
+
+    def _expand(self, index: int) -> tuple[int, SubStream]:
         body = {
-            **_sampling(ctx),
+            **_sampling(self.ctx),
+            "messages": expand_messages(self.question, self.points, index),
+            **EXPAND_FIELDS,
+            "max_tokens": self.per_point,
+            "stop": ["\n\n"],  # one paragraph per point
+        }
+        return index, self.sub.stream(body, budget_s=self.settings.point_budget_s)
+
+    def _outline_body(self) -> dict[str, Any]:
+        return {
+            **_sampling(self.ctx),
             "temperature": 0,
             # Small models loop on a list ("Use a broom ...", five times): penalising
             # repeats (vLLM's repetition_penalty) keeps the points distinct.
             "repetition_penalty": 1.2,
             "presence_penalty": 0.5,
-            "messages": skeleton_messages(question),
+            "messages": skeleton_messages(self.question),
             "max_tokens": self.settings.skeleton_tokens,
             "structured_outputs": {"regex": skeleton_regex(MIN_POINTS, self.settings.max_points)},
         }
-        answer = await ctx.subrequests.complete(body)
-        outline = parse_outline(answer_text(ctx.route, answer), self.settings.max_points)
-        if outline is None:
-            raise SkeletonError("the outline has too few usable points")
-        return outline
 
-    async def _expand(self, ctx: RequestContext, question: str, outline: Outline) -> Result:
-        sub = ctx.subrequests
-        per_point = max(self._answer_tokens(ctx) // len(outline.points), 16)
-        bodies = [
-            {
-                **_sampling(ctx),
-                "messages": expand_messages(question, outline, index),
-                **EXPAND_FIELDS,
-                "max_tokens": per_point,
-                "stop": ["\n\n"],  # one paragraph per point
-            }
-            for index in range(len(outline.points))
-        ]
-        headings = [
-            ("\n\n" if i else "") + f"{i + 1}. {point}: " for i, point in enumerate(outline.points)
-        ]
-        if ctx.stream:
-            streams = [sub.stream(b, budget_s=self.settings.point_budget_s) for b in bodies]
-            return sub.join([Part(s, before=h) for s, h in zip(streams, headings, strict=True)])
-        return await self._whole(ctx, sub, bodies, headings)
 
-    async def _whole(
-        self,
-        ctx: RequestContext,
-        sub: SubRequests,
-        bodies: list[dict[str, Any]],
-        headings: list[str],
-    ) -> Result:
-        answers = await asyncio.wait_for(sub.gather(bodies), self.settings.point_budget_s)
-        parts = zip(headings, answers, strict=True)
-        text = "".join(heading + answer_text(ctx.route, a).strip() for heading, a in parts)
-        finish = "length" if any(finish_reason(a) == "length" for a in answers) else "stop"
-        whole = whole_answer(ctx.route, ctx.model, text, finish, ctx.scope.usage.as_dict())
-        return JsonResult(orjson.dumps(whole))
-
-    def _record(self, decision: Decision, started: float) -> None:
-        actual = time.perf_counter() - started
-        self.services.metrics.planner_timed(self.name, decision.sot_s, actual)
+def _heading(index: int, point: str) -> str:
+    return ("\n\n" if index else "") + f"{index + 1}. {point}: "
 
 
 def _question(ctx: RequestContext) -> str | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 from conftest import MODEL, ProxyThread, proxy_settings, write_policy
 
@@ -110,3 +111,22 @@ def test_a_client_that_leaves_stops_every_point(vllm_url: str, tmp_path: Path) -
         while metric_total(vllm_url, "vllm:num_requests_running") > 0:
             assert time.monotonic() < deadline, "points still run in vLLM for a gone client"
             time.sleep(0.1)
+
+
+def test_the_answer_starts_while_the_outline_is_still_written(
+    vllm_url: str, tmp_path: Path
+) -> None:
+    with _proxy(vllm_url, tmp_path, "always") as proxy, httpx.Client(timeout=300) as http:
+        body = _body(stream=True)
+        with http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: {"))
+            first = orjson.loads(next(lines)[6:])["choices"][0]["delta"]["content"]
+            finished = metric_total(proxy.url, "leangate_subrequests_total")
+            rest = "".join(
+                orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                for line in lines
+                if '"choices":[{' in line
+            )
+    assert first.startswith("1. ")
+    assert finished == 0, "the first words waited for a finished outline or point"
+    assert "\n\n2. " in first + rest

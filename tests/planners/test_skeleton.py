@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from hypothesis import given
@@ -11,7 +12,9 @@ from leangate.planners.skeleton import (
     MAX_POINTS,
     MIN_POINTS,
     POINT_CHARS,
+    FirstTitle,
     Outline,
+    PointReader,
     expand_messages,
     parse_outline,
     skeleton_regex,
@@ -57,6 +60,45 @@ def test_hostile_points_stay_quoted_data(points: list[str]) -> None:
     outline = parse_outline(text)
     if outline is None:
         return
-    messages = expand_messages("Why?", outline, 0)
+    messages = expand_messages("Why?", outline.points, 0)
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
-    assert messages[0]["content"] == expand_messages("Other?", outline, 1)[0]["content"]
+    assert messages[0]["content"] == expand_messages("Other?", outline.points, 1)[0]["content"]
+
+
+def test_points_are_read_as_their_lines_complete() -> None:
+    reader = PointReader(max_points=3)
+    assert reader.feed("1. Plan the") == []
+    assert reader.feed(" week\n2. Plan the week\n2. Rest") == ["Plan the week"]
+    assert reader.feed("\n3. Eat well\n4. Move") == ["Rest", "Eat well"]
+    assert reader.full
+    assert reader.close() == []
+    assert reader.points == ["Plan the week", "Rest", "Eat well"]
+
+
+def test_a_point_expanded_early_sees_only_the_outline_so_far() -> None:
+    user = expand_messages("Why?", ["Sleep", "Eat", "Move"], 1)[1]["content"]
+    assert "1. Sleep\n2. Eat" in user and "Move" not in user
+
+
+async def _shown(title: FirstTitle) -> str:
+    title.end()
+    return "".join([c["choices"][0]["delta"]["content"] async for c in title])
+
+
+def test_the_first_title_streams_as_it_is_written() -> None:
+    title = FirstTitle("chat")
+    for piece in ["1", ". Keep", " surfaces", " clear, ", "\n2. Other"]:
+        title.feed(piece)
+    assert title.shown == "1. Keep surfaces clear"
+    assert asyncio.run(_shown(title)) == "1. Keep surfaces clear"
+
+
+@given(st.lists(st.text(max_size=40), max_size=8))
+def test_the_first_title_shows_only_plain_words(pieces: list[str]) -> None:
+    title = FirstTitle("chat")
+    for piece in pieces:
+        title.feed(piece)
+    shown = asyncio.run(_shown(title))
+    assert shown == title.shown
+    assert shown == "" or re.fullmatch(r"1\. [A-Za-z][A-Za-z ,'&/-]*", shown)
+    assert len(shown) <= POINT_CHARS + 3
