@@ -159,6 +159,22 @@ def _ttft(http: httpx.Client, url: str, question: str, max_tokens: int) -> float
     return time.perf_counter() - started
 
 
+def _ttft_ratio(
+    http: httpx.Client,
+    direct_url: str,
+    sot_url: str,
+    question: str,
+    max_tokens: int,
+    *,
+    first_direct: bool,
+) -> float:
+    """SoT's time to first token (always planned) over the direct stream's, in turns."""
+    arms = [direct_url, sot_url] if first_direct else [sot_url, direct_url]
+    took = {url: _ttft(http, url, question, max_tokens) for url in arms}
+    log(f"ttft: direct {took[direct_url]:.2f}s, sot {took[sot_url]:.2f}s")
+    return took[sot_url] / took[direct_url]
+
+
 def _text(answer: dict[str, Any]) -> str:
     return str(answer["choices"][0]["message"]["content"] or "")
 
@@ -204,8 +220,8 @@ def _speed(
                 for i, q in enumerate(group_questions)
             ]
             ttft = [
-                _ttft(http, proxy.url, q, max_tokens) / _ttft(http, urls[0], q, max_tokens)
-                for q in positives[: max(2, len(positives) // 2)]
+                _ttft_ratio(http, urls[0], always.url, q, max_tokens, first_direct=bool(i % 2))
+                for i, q in enumerate(positives[: max(2, len(positives) // 2)])
             ]
     return _figures(rows, ttft, references, embedder)
 

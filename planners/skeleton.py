@@ -3,15 +3,15 @@
 The outline is generated under a regular expression (vLLM structured outputs), so even a
 135M model returns a numbered list of short points. It is still model output: parsing
 bounds the number and length of points, drops empty and duplicate ones, and keeps only
-plain text, so nothing in an outline can act as an instruction to the proxy. In the
-expansion prompts it is quoted as the outline of the answer, nothing more.
+plain text, so nothing in an outline can act as an instruction to the proxy. In an
+expansion prompt a point is quoted as the topic of one paragraph, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,8 @@ SKELETON_SYSTEM = (
     "a few words. Write no explanations."
 )
 EXPAND_SYSTEM = (
-    "You write one part of a longer answer. You get the question, the outline of the "
-    "answer up to this part, and the one point to write. Write that point only, as one "
-    "short paragraph of two or three sentences. Do not repeat the outline or the title."
+    "You write one part of a longer answer: one short paragraph of two or three "
+    "sentences about the given point only."
 )
 
 
@@ -99,8 +98,22 @@ def parse_outline(text: str, max_points: int = MAX_POINTS) -> Outline | None:
 
 def _clean(point: str) -> str:
     """Plain words only, bounded: a point is a title, not a place for markup or commands."""
-    plain = _UNSAFE.sub(" ", point)
-    return " ".join(plain.split())[:POINT_CHARS].strip(" .,;:-")
+    return _whole_words(" ".join(_UNSAFE.sub(" ", point).split()), complete=True)
+
+
+_MARKS = " .,;:-'&/"
+
+
+def _whole_words(title: str, *, complete: bool) -> str:
+    """``title`` without a word the length bound cut (the outline's pattern stops a line
+    at ``POINT_CHARS``), or, while the line is still being written, its last word."""
+    if not complete or len(title) >= POINT_CHARS:
+        title = title[:POINT_CHARS]
+        if " " in title:
+            title = title[: title.rfind(" ")]
+        elif not complete:
+            title = ""
+    return title.strip(_MARKS)
 
 
 def skeleton_messages(question: str) -> list[dict[str, str]]:
@@ -108,39 +121,31 @@ def skeleton_messages(question: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-def expand_messages(question: str, points: Sequence[str], index: int) -> list[dict[str, str]]:
-    """The prompt for point ``index`` (0-based) of ``points``, the outline read so far:
-    a point is expanded as soon as its line is out, before the outline is finished.
-    Everything up to the outline's end is shared with the other points' prompts, so
-    vLLM's prefix cache computes it once. The answer is started with the point's title
-    (``EXPAND_FIELDS`` continue it), which keeps a small model on that point instead of
-    reciting the outline."""
-    outline = Outline(tuple(points[: index + 1]))
-    shared = f"Question: {question}\n\nOutline:\n{outline.numbered()}\n\n"
-    point = points[index]
-    return [
-        {"role": "system", "content": EXPAND_SYSTEM},
-        {"role": "user", "content": shared + f"Write point {index + 1}: {point}"},
-        {"role": "assistant", "content": f"{point}:"},
-    ]
+def expand_messages(question: str, point: str) -> list[dict[str, str]]:
+    """The prompt that expands one point. It starts with what every point's prompt shares
+    (instructions, question), so vLLM's prefix cache computes that once. The outline
+    itself is left out: given it, the bundled 135M model recites it or writes another
+    point; given the question and its one point, it stays on that point (checked by eye
+    on Vicuna questions). This also lets a point start before the outline is finished."""
+    user = (
+        f"Question: {question}\n\nOne point of the answer: {point}\n\n"
+        "Explain that point only, in two or three sentences."
+    )
+    return [{"role": "system", "content": EXPAND_SYSTEM}, {"role": "user", "content": user}]
 
 
-EXPAND_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
-"""vLLM fields that make the model continue the assistant message the prompt started."""
-
-
-_TITLE_SO_FAR = re.compile(r"1\. [A-Za-z][A-Za-z ,'&/-]*")
-_TITLE_START = re.compile(r"1?\.? ?")
+_TITLE_SO_FAR = re.compile(r"1(\.( [A-Za-z][A-Za-z ,'&/-]*)?)?")
 
 
 class FirstTitle:
     """The outline's first line, as the model writes it, as the first words of the
-    client's answer ("1. Keep surfaces clear"), so the answer starts streaming before the
-    line, or point 1's expansion, is done.
+    client's answer ("1. Keep surfaces clear"), so the answer starts streaming with the
+    outline's first token instead of after its first line and point 1's first token.
 
-    Only what the outline's own pattern allows is shown (plain letters and a few marks,
-    at most ``POINT_CHARS`` of them), trailing marks held back; anything else ends the
-    title without showing more. Iterating yields chunks shaped like the backend's."""
+    Only what the outline's own pattern allows is shown ("1", "1.", then plain letters and
+    a few marks, at most ``POINT_CHARS`` of them), a word once it is complete; anything
+    else ends the title without showing more. ``shown`` is what was shown, so point 1's heading
+    can go on from it. Iterating yields chunks shaped like the backend's."""
 
     def __init__(self, route: str) -> None:
         self._route = route
@@ -156,14 +161,21 @@ class FirstTitle:
         head, newline, _ = text.partition("\n")
         self._line += head
         if _TITLE_SO_FAR.fullmatch(self._line) and len(self._line) <= POINT_CHARS + 3:
-            visible = self._line.rstrip(" ,'&/-")
+            visible = self._visible(complete=bool(newline))
             if len(visible) > len(self.shown):
                 self._queue.put_nowait(visible[len(self.shown) :])
                 self.shown = visible
-        elif not _TITLE_START.fullmatch(self._line):
+        elif self._line:
             self.end()
         if newline:
             self.end()
+
+    def _visible(self, *, complete: bool) -> str:
+        """The number, then whole words only: what ``parse_outline`` keeps of the line."""
+        if not self._line.startswith("1. "):
+            return self._line  # "1" or "1."
+        title = _whole_words(self._line[3:], complete=complete)
+        return f"1. {title}" if title else "1."
 
     def end(self) -> None:
         if self._open:

@@ -33,7 +33,6 @@ from leangate.middleware.services import Services
 from leangate.middleware.subrequests import Part, SubStream
 from leangate.planners.router import RouterWeights
 from leangate.planners.skeleton import (
-    EXPAND_FIELDS,
     MAX_POINTS,
     MIN_POINTS,
     FirstTitle,
@@ -179,16 +178,18 @@ class _Answer:
         return self.reader.points
 
     async def parts(self) -> AsyncIterator[Part]:
-        """The streamed answer's parts. The outline's first line is shown as it is
-        written (the answer's first words, so the client's first token waits for neither
-        the whole line nor point 1's expansion); then point 1's text follows it, and each
-        later point comes with its heading."""
+        """The streamed answer's parts: the outline's first line as it is written (see
+        ``FirstTitle``), point 1's text after it, then each later point with its heading."""
         title = FirstTitle(self.ctx.route)
         yield Part(title)
         try:
             async for index, stream in self._expansions(on_text=title.feed):
-                shown = index == 0 and title.shown
-                yield Part(stream, before=": " if shown else _heading(index, self.points[index]))
+                heading = _heading(index, self.points[index])
+                if index == 0 and title.shown:
+                    # go on from the shown title ("1." or the whole line)
+                    shown = len(title.shown)
+                    heading = heading[shown:] if heading.startswith(title.shown) else ": "
+                yield Part(stream, before=heading)
         finally:
             title.end()
         if not self.points:
@@ -230,10 +231,12 @@ class _Answer:
     def _expand(self, index: int) -> tuple[int, SubStream]:
         body = {
             **_sampling(self.ctx),
-            "messages": expand_messages(self.question, self.points, index),
-            **EXPAND_FIELDS,
+            "messages": expand_messages(self.question, self.points[index]),
             "max_tokens": self.per_point,
-            "stop": ["\n\n"],  # one paragraph per point
+            # One paragraph per point; min_tokens, because a small model may open with a
+            # blank line, which would otherwise end the point empty.
+            "stop": ["\n\n"],
+            "min_tokens": 4,
         }
         return index, self.sub.stream(body, budget_s=self.settings.point_budget_s)
 

@@ -60,9 +60,11 @@ def test_hostile_points_stay_quoted_data(points: list[str]) -> None:
     outline = parse_outline(text)
     if outline is None:
         return
-    messages = expand_messages("Why?", outline.points, 0)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
-    assert messages[0]["content"] == expand_messages("Other?", outline.points, 1)[0]["content"]
+    messages = expand_messages("Why?", outline.points[0])
+    assert [m["role"] for m in messages] == ["system", "user"]
+    other = expand_messages("Why?", outline.points[1])[1]["content"]
+    shared = "Question: Why?\n\nOne point of the answer: "
+    assert messages[1]["content"].startswith(shared) and other.startswith(shared)
 
 
 def test_points_are_read_as_their_lines_complete() -> None:
@@ -75,11 +77,6 @@ def test_points_are_read_as_their_lines_complete() -> None:
     assert reader.points == ["Plan the week", "Rest", "Eat well"]
 
 
-def test_a_point_expanded_early_sees_only_the_outline_so_far() -> None:
-    user = expand_messages("Why?", ["Sleep", "Eat", "Move"], 1)[1]["content"]
-    assert "1. Sleep\n2. Eat" in user and "Move" not in user
-
-
 async def _shown(title: FirstTitle) -> str:
     title.end()
     return "".join([c["choices"][0]["delta"]["content"] async for c in title])
@@ -87,9 +84,11 @@ async def _shown(title: FirstTitle) -> str:
 
 def test_the_first_title_streams_as_it_is_written() -> None:
     title = FirstTitle("chat")
-    for piece in ["1", ". Keep", " surfaces", " clear, ", "\n2. Other"]:
+    shown = []
+    for piece in ["1", ".", " Keep", " surfaces", " clear, ", "\n2. Other"]:
         title.feed(piece)
-    assert title.shown == "1. Keep surfaces clear"
+        shown.append(title.shown)
+    assert shown == ["1", "1.", "1.", "1. Keep", *["1. Keep surfaces clear"] * 2]
     assert asyncio.run(_shown(title)) == "1. Keep surfaces clear"
 
 
@@ -100,5 +99,14 @@ def test_the_first_title_shows_only_plain_words(pieces: list[str]) -> None:
         title.feed(piece)
     shown = asyncio.run(_shown(title))
     assert shown == title.shown
-    assert shown == "" or re.fullmatch(r"1\. [A-Za-z][A-Za-z ,'&/-]*", shown)
+    assert shown == "" or re.fullmatch(r"1(\.( [A-Za-z][A-Za-z ,'&/-]*)?)?", shown)
     assert len(shown) <= POINT_CHARS + 3
+
+
+def test_a_title_cut_by_the_length_bound_loses_its_cut_word() -> None:
+    line = "Learn about productivity-enhancing"[:POINT_CHARS]
+    outline = parse_outline(f"1. {line}\n2. Sleep\n3. Eat\n4. Move\n")
+    assert outline is not None and outline.points[0] == "Learn about"
+    title = FirstTitle("chat")
+    title.feed(f"1. {line}\n")
+    assert title.shown == "1. Learn about"
