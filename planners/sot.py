@@ -196,12 +196,17 @@ class _Answer:
             raise SkeletonError("the outline has no usable point")
 
     async def whole(self) -> Result:
-        streams = [stream async for _, stream in self._expansions()]
-        if len(streams) < MIN_POINTS:
-            for stream in streams:
+        streams: list[SubStream] = []
+        try:
+            async for _, stream in self._expansions():
+                streams.append(stream)
+            if len(streams) < MIN_POINTS:
+                raise SkeletonError("the outline has too few usable points")
+            texts = await asyncio.gather(*(stream.text() for stream in streams))
+        except BaseException:
+            for stream in streams:  # the direct answer that follows needs the batch
                 stream.close()
-            raise SkeletonError("the outline has too few usable points")
-        texts = await asyncio.gather(*(stream.text() for stream in streams))
+            raise
         text = "".join(
             _heading(i, point) + body.strip()
             for i, (point, (body, _)) in enumerate(zip(self.points, texts, strict=True))
@@ -216,15 +221,17 @@ class _Answer:
         self, on_text: Callable[[str], None] | None = None
     ) -> AsyncIterator[tuple[int, SubStream]]:
         """Each point's index and expansion, started as soon as its line is read."""
+        started = 0
         try:
             async for chunk in self.outline:
                 text = delta_text(self.ctx.route, chunk)
                 if on_text is not None:
                     on_text(text)
                 for _ in self.reader.feed(text):
-                    yield self._expand(len(self.points) - 1)
+                    yield self._expand(started)
+                    started += 1
             for _ in self.reader.close():
-                yield self._expand(len(self.points) - 1)
+                yield self._expand(started)
         finally:
             self.outline.close()
 

@@ -280,3 +280,52 @@ async def test_through_chain_sub_requests_meet_the_later_stages() -> None:
         "direct answer",
     ]
     await client.aclose()
+
+
+class Progressive:
+    """Starts its parts one by one from an async generator, as a planner does when the
+    parts' inputs arrive over time; "raise" makes the generator fail."""
+
+    name = "progressive"
+
+    def __init__(self, questions: list[str]) -> None:
+        self.questions = questions
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
+        sub = ctx.subrequests
+
+        async def parts() -> AsyncIterator[Part]:
+            for i, question in enumerate(self.questions):
+                if question == "raise":
+                    raise ValueError("no more parts")
+                yield Part(sub.stream(_ask(question)), before="\n" if i else "")
+                await asyncio.sleep(0.05)
+
+        return sub.join(parts())
+
+
+async def test_parts_from_a_generator_start_before_earlier_parts_are_read() -> None:
+    backend = Backend()
+    client = await _client(backend)
+    ctx = _ctx(client, stream=True)
+    result = await build_chain([(Progressive(["slow 0.5 one", "two", "three"]), 1.0)], forward)(ctx)
+    assert isinstance(result, StreamResult)
+    events = aiter(result.events)
+    first = orjson.loads(await anext(events))
+    assert first["choices"][0]["delta"]["content"] == "slow "
+    assert len(backend.bodies) == 3, "later parts started while part 1 was still waiting"
+    rest = [orjson.loads(p) async for p in events]
+    text = "".join((c.get("delta") or {}).get("content") or "" for p in rest for c in p["choices"])
+    assert text == "0.5 one \ntwo \nthree "
+    await client.aclose()
+
+
+async def test_a_generator_failing_before_the_first_byte_fails_open() -> None:
+    backend = Backend()
+    client = await _client(backend)
+    metrics = Metrics()
+    ctx = _ctx(client, say="the direct way", stream=True)
+    result = await build_chain([(Progressive(["raise"]), 1.0)], forward, metrics)(ctx)
+    assert "".join(await _texts(result)) == "the direct way "
+    assert metrics.failed_open.labels("progressive", "error")._value.get() == 1
+    await client.aclose()
