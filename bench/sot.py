@@ -11,8 +11,11 @@ and FastChat's reference answers in ``<data-dir>/fastchat/`` for coverage where 
    ``sot`` stage (auto: router and cost model decide), with the same ``max_tokens`` cap and
    temperature 0, the arms alternating in order. Reported: median latency ratios
    (direct / leangate) per group, the streamed time-to-first-token ratio, and coverage:
-   each answer's embedding similarity to the reference answer where FastChat has one
-   (``coverage_delta_median``: SoT minus direct), and SoT's similarity to the direct answer.
+   each answer's embedding similarity to the reference answer where FastChat has one, to
+   the question itself otherwise (FastChat's references cover only math, reasoning and code,
+   which the router keeps direct); ``coverage_delta_median`` is SoT's minus the direct
+   answer's, ``coverage_references`` how many had a reference answer. SoT's similarity to
+   the direct answer is reported beside it.
 3. *cost model*: for router-positive questions the proxy's predictions (``x-leangate-plan``)
    are compared with which arm was really faster (a forced-SoT proxy measures the SoT arm
    when the cost model chose direct): ``cost_model_agreement``.
@@ -261,14 +264,15 @@ def _figures(
         return [r["direct"]["s"] / r["leangate"]["s"] for r in rows if r["group"] == group]
 
     deltas, sot_vs_direct, agree = [], [], []
+    referenced = 0
     for row in rows:
         if row["leangate"]["plan"].get("decision") == "sot":
-            texts = [row["leangate"]["text"], row["direct"]["text"]]
             reference = references.get(row["question"])
-            vectors = embedder.embed([*texts, reference] if reference else texts)
+            referenced += reference is not None
+            texts = [row["leangate"]["text"], row["direct"]["text"], reference or row["question"]]
+            vectors = embedder.embed(texts)
             sot_vs_direct.append(float(vectors[0] @ vectors[1]))
-            if reference:
-                deltas.append(float(vectors[0] @ vectors[2] - vectors[1] @ vectors[2]))
+            deltas.append(float(vectors[0] @ vectors[2] - vectors[1] @ vectors[2]))
         agree.extend(_agreement(row))
     return {
         "speedup_positive_median": rounded(statistics.median(ratios("positive")), 3),
@@ -286,7 +290,7 @@ def _figures(
             3,
         ),
         "coverage_delta_median": rounded(statistics.median(deltas), 3) if deltas else None,
-        "coverage_references": len(deltas),
+        "coverage_references": referenced,
         "sot_similarity_to_direct_median": (
             rounded(statistics.median(sot_vs_direct), 3) if sot_vs_direct else None
         ),
