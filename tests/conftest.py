@@ -30,6 +30,15 @@ from leangate.settings import Settings
 MODEL = "SmolLM2-135M-Instruct"
 
 
+def too_long_prompt(backend_url: str) -> str:
+    """A prompt longer than the backend's context window (vLLM answers it with a 400)."""
+    import httpx
+
+    models = httpx.get(backend_url.rstrip("/") + "/v1/models", timeout=10).json()["data"]
+    context = max(int(m.get("max_model_len") or 8192) for m in models)
+    return "word " * (context + 100)
+
+
 @pytest.fixture(scope="session")
 def vllm_url() -> Iterator[str]:
     """Base URL (no /v1) of a real vLLM server serving the bundled model."""

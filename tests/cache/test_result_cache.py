@@ -19,6 +19,7 @@ from conftest import (
     free_port,
     proxy_settings,
     start_redis,
+    too_long_prompt,
     write_policy,
 )
 
@@ -201,8 +202,8 @@ def test_requests_can_narrow_the_policy(cached: ProxyThread) -> None:
     assert "x-leangate-cache" not in _post(cached, narrowed).headers
 
 
-def test_errors_are_not_stored(cached: ProxyThread) -> None:
-    too_long = _chat("word " * 3000)
+def test_errors_are_not_stored(cached: ProxyThread, vllm_url: str) -> None:
+    too_long = _chat(too_long_prompt(vllm_url))
     for _ in range(2):
         response = httpx.post(
             cached.url + "/v1/chat/completions",

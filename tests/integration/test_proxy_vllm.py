@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL, ProxyThread
+from conftest import MODEL, ProxyThread, too_long_prompt
 from openai.types.chat import ChatCompletionMessageParam
 
 from leangate.bench.common import metric_total
@@ -142,7 +142,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert content and len(content[0].top_logprobs) == 3
 
 
-def test_error_shapes(proxy: ProxyThread, client: openai.OpenAI) -> None:
+def test_error_shapes(proxy: ProxyThread, client: openai.OpenAI, vllm_url: str) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=PROMPT)
     bad = httpx.post(proxy.url + "/v1/chat/completions", content=b"{not json")
@@ -152,7 +152,7 @@ def test_error_shapes(proxy: ProxyThread, client: openai.OpenAI) -> None:
     assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
     # vLLM's own 4xx (prompt longer than the context) comes back unchanged.
     with pytest.raises(openai.BadRequestError) as too_long:
-        client.completions.create(model=MODEL, prompt="word " * 3000, max_tokens=5)
+        client.completions.create(model=MODEL, prompt=too_long_prompt(vllm_url), max_tokens=5)
     assert too_long.value.status_code == 400
     assert "error" in too_long.value.response.json()
     assert httpx.get(proxy.url + "/health").status_code == 200
