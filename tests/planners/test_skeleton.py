@@ -63,7 +63,7 @@ def test_hostile_points_stay_quoted_data(points: list[str]) -> None:
     messages = expand_messages("Why?", outline.points[0])
     assert [m["role"] for m in messages] == ["system", "user"]
     other = expand_messages("Why?", outline.points[1])[1]["content"]
-    shared = "Question: Why?\n\nOne point of the answer: "
+    shared = "Question: Why?\n\nWrite two or three sentences on this aspect only: "
     assert messages[1]["content"].startswith(shared) and other.startswith(shared)
 
 
