@@ -113,7 +113,10 @@ class SotStage:
         if ctx.stream:
             return ctx.subrequests.join(answer.parts())
         result = await answer.whole()
-        ctx.response_headers[PLAN_HEADER] += f"; points={len(answer.points)}"
+        took = time.perf_counter() - answer.started
+        ctx.response_headers[PLAN_HEADER] += (
+            f"; points={len(answer.points)}; calls={len(answer.points) + 1}; actual_s={took:.2f}"
+        )
         return result
 
     # --- deciding ----------------------------------------------------------------------------

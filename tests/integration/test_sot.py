@@ -46,6 +46,7 @@ def test_outline_then_points_with_summed_usage(vllm_url: str, tmp_path: Path) ->
     plan = response.headers[PLAN_HEADER]
     assert plan.startswith("sot; reason=policy-always; points=")
     points = int(plan.split("points=")[1].split(";")[0])
+    assert f"calls={points + 1}; actual_s=" in plan
     text = response.json()["choices"][0]["message"]["content"]
     sections = text.split("\n\n")
     assert len(sections) == points, text
