@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from leangate.middleware.answers import delta_text, whole_answer
 from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler
-from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.services import Services
 from leangate.middleware.subrequests import Part, SubStream
+from leangate.planners.requests import answer_cap, plannable_question, sampling
 from leangate.planners.router import RouterWeights
 from leangate.planners.skeleton import (
     MAX_POINTS,
@@ -45,7 +45,6 @@ from leangate.planners.skeleton import (
 log = logging.getLogger(__name__)
 
 PLAN_HEADER = "x-leangate-plan"
-SAMPLING_FIELDS = ("model", "temperature", "top_p", "seed", "frequency_penalty")
 
 
 class SotSettings(BaseModel):
@@ -100,7 +99,7 @@ class SotStage:
         self._points_expected = float(settings.max_points)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
-        question = _question(ctx)
+        question = plannable_question(ctx)
         if question is None:
             return await call_next(ctx)
         decision = await self.decide(ctx, question)
@@ -145,9 +144,7 @@ class SotStage:
         return profile.predict(prompt, cap), skeleton + expand
 
     def _answer_tokens(self, ctx: RequestContext) -> int:
-        body = ctx.body
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        return int(cap) if cap else self.settings.default_max_tokens
+        return answer_cap(ctx, self.settings.default_max_tokens)
 
     def expansion_tokens(self, ctx: RequestContext) -> int:
         """Each point's token cap: the answer's cap shared by the points expected, which
@@ -240,7 +237,7 @@ class _Answer:
 
     def _expand(self, index: int) -> tuple[int, SubStream]:
         body = {
-            **_sampling(self.ctx),
+            **sampling(self.ctx),
             "messages": expand_messages(self.question, self.points[index]),
             "max_tokens": self.per_point,
             # One paragraph per point; min_tokens, because a small model may open with a
@@ -252,7 +249,7 @@ class _Answer:
 
     def _outline_body(self) -> dict[str, Any]:
         return {
-            **_sampling(self.ctx),
+            **sampling(self.ctx),
             "temperature": 0,
             # Small models loop on a list ("Use a broom ...", five times): penalising
             # repeats (vLLM's repetition_penalty) keeps the points distinct.
@@ -266,21 +263,3 @@ class _Answer:
 
 def _heading(index: int, point: str) -> str:
     return ("\n\n" if index else "") + f"{index + 1}. {point}: "
-
-
-def _question(ctx: RequestContext) -> str | None:
-    """The last user message, for plain chat requests SoT can answer; None otherwise."""
-    request = ctx.request
-    body = ctx.body
-    if not isinstance(request, ChatCompletionRequest) or (body.get("n") or 1) > 1:
-        return None
-    if body.get("tools") or body.get("response_format") or body.get("logprobs"):
-        return None
-    last = request.messages[-1]
-    if last.role != "user" or not isinstance(last.content, str) or not last.content.strip():
-        return None
-    return last.content
-
-
-def _sampling(ctx: RequestContext) -> dict[str, Any]:
-    return {k: ctx.body[k] for k in SAMPLING_FIELDS if k in ctx.body}
