@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, str] = {
     "cache": "leangate.bench.cache",
     "profile": "leangate.bench.profile",
     "sot": "leangate.bench.sot",
+    "compress": "leangate.bench.compress",
+    "decompose": "leangate.bench.decompose",
 }
 
 

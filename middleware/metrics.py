@@ -70,6 +70,25 @@ class Metrics:
             buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.compress_decisions = Counter(
+            "leangate_compress_decisions",
+            "Compression decisions: compress or skip, and why",
+            ["stage", "decision", "reason"],
+            registry=r,
+        )
+        self.compress_tokens = Counter(
+            "leangate_compress_tokens",
+            "Prompt tokens of compressed requests, before and after compression",
+            ["stage", "kind"],
+            registry=r,
+        )
+        self.compress_seconds = Histogram(
+            "leangate_compress_seconds",
+            "The compressor's own time per compressed request",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.subrequests = Counter(
             "leangate_subrequests",
             "Backend calls stages made on behalf of a request",
@@ -97,6 +116,14 @@ class Metrics:
         if predicted_s > 0:
             self.planner_seconds.labels(stage, "predicted").observe(predicted_s)
         self.planner_seconds.labels(stage, "actual").observe(actual_s)
+
+    def compress_decided(self, stage: str, run: bool, reason: str) -> None:
+        self.compress_decisions.labels(stage, "compress" if run else "skip", reason).inc()
+
+    def compress_done(self, stage: str, before: int, after: int, seconds: float) -> None:
+        self.compress_tokens.labels(stage, "before").inc(before)
+        self.compress_tokens.labels(stage, "after").inc(after)
+        self.compress_seconds.labels(stage).observe(seconds)
 
     def subrequest_done(self, stage: str, kind: str, outcome: str, usage: object) -> None:
         self.subrequests.labels(stage, kind, outcome).inc()

@@ -34,6 +34,8 @@ BUILTIN: dict[str, str] = {
     "example-fanout": "leangate.middleware.stages:ExampleFanout",
     "cache": "leangate.cache.stage:CacheStage",
     "sot": "leangate.planners.sot:SotStage",
+    "compress": "leangate.retrieval.compress:CompressStage",
+    "decompose": "leangate.planners.decompose:DecomposeStage",
 }
 
 

@@ -27,7 +27,7 @@ POLICY = """
 rules:
   - name: decompose
     stages:
-      - use: "leangate.planners.decompose:DecomposeStage"
+      - use: decompose
         settings: {mode: always, max_steps: 4, step_tokens: %d}
 """
 INDEPENDENT: list[dict[str, Any]] = [

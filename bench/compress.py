@@ -1,0 +1,341 @@
+"""``leangate bench compress``: prompt compression's fidelity, cost and end-to-end speed.
+
+1. *fidelity* on ``<data-dir>/hotpotqa/dev_distractor_20.json``: prompt = instruction, the
+   record's 10 paragraphs, the question; compressed question-aware to ``--ratio``.
+   ``token_reduction`` (prompt tokens before over after, the served model's tokenizer) and
+   ``supporting_fact_retention`` (gold supporting sentences kept intact), for the tune part
+   (``_tune``, what the selection was designed and tuned on) and the held-out part
+   (``_holdout``, and the unsuffixed figures). The split is by a hash of ``_id``
+   (``bench/hotpot.py``). ``ms_per_1k_tokens``: the compressor's wall time per 1,000
+   prompt tokens, median over records (``cpu_ms_per_1k_tokens``: its CPU time, which the
+   shared machine's load does not inflate).
+2. *protected spans*: prompts built here in code (code blocks, JSON, links, URLs, speaker
+   labels, numbers, quotes, ``<keep>`` spans) compressed hard; ``protected_span_violations``
+   counts hard spans lost, sentences cut, and instructions or questions altered.
+3. *end to end* on the real backend: each record padded with other records' paragraphs to
+   2,000+ tokens, ``max_tokens`` 32 (with ``ignore_eos``, so both arms decode the same
+   length), temperature 0, a nonce at the start of every prompt so that vLLM's prefix
+   cache cannot hit; direct to vLLM against a proxy running the ``compress`` stage, arms
+   alternating in order, medians. ``e2e_speedup_long`` cold; ``e2e_speedup_warm``: the
+   same context again with another question (the direct arm's prefix is warm);
+   ``cost_share_of_prefill_saved``: compressor time over the backend time it saved;
+   ``e2e_compressor_ms_per_1k_tokens_median``: the stage's own time inside the proxy, on
+   the cores vLLM uses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from leangate.retrieval.compress import HEADER, CompressSettings
+from leangate.retrieval.prompt import budget, plan, rebuild
+from leangate.retrieval.select import Selector
+
+from . import hotpot
+from .common import (
+    BenchError,
+    add_common_arguments,
+    backend_urls,
+    log,
+    machine_info,
+    rounded,
+    spawn_proxy,
+)
+from .protected import protected_prompts, violations
+
+MODEL = "SmolLM2-135M-Instruct"
+POLICY = """
+rules:
+  - name: compress
+    stages:
+      - use: compress
+        budget_ms: 2000
+        settings: {ratio: %s}
+"""
+LONG_PROMPT_TOKENS = 2000
+Count = Callable[[str], int]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--ratio", type=float, default=4.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--parts", default="fidelity,spans,e2e")
+    parser.add_argument("--records", type=int, default=None, help="end-to-end records")
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    started = time.perf_counter()
+    count, tokenizer_dir = _counter()
+    result: dict[str, object] = {"benchmark": "compress", "quick": bool(args.quick)}
+    result["tokens_counted_with"] = str(tokenizer_dir) if tokenizer_dir else "chars/4 estimate"
+    path = args.data_dir / hotpot.FILE
+    records = hotpot.load(args.data_dir) if path.is_file() else []
+    if not records:
+        result["missing_data"] = [str(path)]
+        log(f"{path} is missing: no fidelity or end-to-end figures")
+    if "fidelity" in args.parts and records:
+        result.update(_fidelity(records, count, args.ratio))
+    if "spans" in args.parts:
+        result.update(_spans(count, args.ratio, quick=args.quick))
+    if "e2e" in args.parts and records:
+        with backend_urls(args) as urls:
+            result.update(_e2e(urls, records, count, args, tokenizer_dir))
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine_info()
+    return result
+
+
+def _counter() -> tuple[Count, Path | None]:
+    """Exact counts with the served model's own tokenizer when its folder is here."""
+    from leangate.backend.localvllm import LocalVLLMConfig
+
+    folder = LocalVLLMConfig().model_dir
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids), folder
+    return lambda text: max(1, round(len(text) / 4)), None
+
+
+def compress_text(text: str, count: Count, ratio: float) -> tuple[str, float]:
+    """One user message compressed as the stage does it (lexical, second hop); seconds."""
+    started = time.perf_counter()
+    settings = CompressSettings()
+    messages = [{"role": "user", "content": text}]
+    found = plan(
+        messages,
+        count,
+        min_block_tokens=settings.min_block_tokens,
+        instruction_max_tokens=settings.instruction_max_tokens,
+    )
+    if found is None:
+        return text, time.perf_counter() - started
+    before = count(text)
+    selector = Selector(found.question, found.candidates, settings.select)
+    selector.second_hop()
+    selection = selector.choose(budget(found, before, ratio=ratio))
+    out = str(rebuild(messages, found, selection.keep)[0]["content"])
+    return out, time.perf_counter() - started
+
+
+# --- fidelity ----------------------------------------------------------------------------------
+
+
+def _fidelity(records: list[hotpot.Record], count: Count, ratio: float) -> dict[str, object]:
+    compress_text("warm-up " * 10, count, ratio)
+    rows = []
+    for record in records:
+        text = hotpot.prompt(record)
+        cpu = time.thread_time()
+        out, seconds = compress_text(text, count, ratio)
+        cpu = time.thread_time() - cpu
+        kept, total = hotpot.retention(record, out)
+        rows.append((record.tune, count(text), count(out), kept, total, seconds, cpu))
+    figures: dict[str, object] = {}
+    for name, part in (("_tune", True), ("_holdout", False)):
+        chosen = [r for r in rows if r[0] is part]
+        figures[f"token_reduction{name}"] = rounded(
+            sum(r[1] for r in chosen) / sum(r[2] for r in chosen), 3
+        )
+        figures[f"supporting_fact_retention{name}"] = rounded(
+            sum(r[3] for r in chosen) / sum(r[4] for r in chosen), 3
+        )
+        figures[f"records{name}"] = len(chosen)
+    figures["token_reduction"] = figures["token_reduction_holdout"]
+    figures["supporting_fact_retention"] = figures["supporting_fact_retention_holdout"]
+    per_1k = [r[5] * 1e6 / r[1] for r in rows]
+    figures["ms_per_1k_tokens"] = rounded(statistics.median(per_1k), 2)
+    figures["ms_per_1k_tokens_max"] = rounded(max(per_1k), 2)
+    figures["cpu_ms_per_1k_tokens"] = rounded(statistics.median(r[6] * 1e6 / r[1] for r in rows), 2)
+    log(f"fidelity: {figures}")
+    return figures
+
+
+# --- protected spans ---------------------------------------------------------------------------
+
+
+def _spans(count: Count, ratio: float, *, quick: bool) -> dict[str, object]:
+    prompts = protected_prompts(seed=7, count=20 if quick else 100)
+    found = 0
+    reductions = []
+    for case in prompts:
+        out, _ = compress_text(case.text, count, ratio)
+        problems = violations(case, out)
+        if problems:
+            log(f"protected-span violations: {problems}")
+        found += len(problems)
+        reductions.append(count(case.text) / max(count(out), 1))
+    return {
+        "protected_span_violations": found,
+        "protected_span_prompts": len(prompts),
+        "protected_span_prompts_reduction_median": rounded(statistics.median(reductions), 3),
+    }
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def long_prompt(
+    record: hotpot.Record, others: list[hotpot.Record], count: Count, nonce: str, question: str
+) -> str:
+    """The record's paragraphs and others' (in a fixed order) to 2,000+ tokens."""
+    padding: list[tuple[str, list[str]]] = []
+    for other in others:
+        text = hotpot.prompt(record, padding=padding)
+        if count(text) >= LONG_PROMPT_TOKENS + 100:
+            break
+        padding.extend(other.paragraphs)
+    base = hotpot.Record(record.id, question, record.answer, record.paragraphs, [])
+    return f"Request {nonce}. " + hotpot.prompt(base, padding=padding)
+
+
+def _e2e(
+    urls: list[str],
+    records: list[hotpot.Record],
+    count: Count,
+    args: argparse.Namespace,
+    tokenizer_dir: Path | None,
+) -> dict[str, object]:
+    n = args.records or (4 if args.quick else len(records))
+    rng = random.Random(args.seed)
+    chosen = rng.sample(records, min(n + 1, len(records)))
+    env = (
+        {"LEANGATE_TOKENIZER_DIRS": json.dumps({MODEL: str(tokenizer_dir)})}
+        if tokenizer_dir
+        else {}
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        policy = Path(folder) / "compress.yaml"
+        policy.write_text(POLICY % args.ratio)
+        with spawn_proxy(urls, policy=policy, env=env) as proxy, httpx.Client(timeout=900) as http:
+            _wait_calibrated(http, proxy.url, hotpot.prompt(chosen[0]))
+            rows = []
+            for index, record in enumerate(chosen):
+                others = [r for r in records if r.id != record.id]
+                other_question = others[index % len(others)].question
+                row = _pair(
+                    http, urls[0], proxy.url, record, others, count, other_question, args, index
+                )
+                if index:  # the first record is the warm-up
+                    rows.append(row)
+    return _e2e_figures(rows)
+
+
+def _wait_calibrated(http: httpx.Client, url: str, sample: str) -> None:
+    """Wait for the proxy's backend profile (calibrated in the background at start-up),
+    so that the cost check runs on measured speeds."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        _, header = _ask(http, url, f"Request {uuid.uuid4().hex[:12]}. {sample}", 1)
+        if "uncalibrated" not in header:
+            return
+        time.sleep(2)
+    raise BenchError("the proxy's backend profile did not calibrate within 300 s")
+
+
+def _ask(http: httpx.Client, url: str, content: str, max_tokens: int) -> tuple[float, str]:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    started = time.perf_counter()
+    response = http.post(f"{url}/v1/chat/completions", json=body)
+    took = time.perf_counter() - started
+    if response.status_code != 200:
+        raise BenchError(f"{url}: {response.status_code} {response.text[:300]}")
+    return took, response.headers.get(HEADER, "")
+
+
+def _pair(
+    http: httpx.Client,
+    direct: str,
+    proxy: str,
+    record: hotpot.Record,
+    others: list[hotpot.Record],
+    count: Count,
+    second_question: str,
+    args: argparse.Namespace,
+    index: int,
+) -> dict[str, Any]:
+    arms = [("direct", direct), ("leangate", proxy)]
+    if index % 2:
+        arms.reverse()
+    nonces = {name: uuid.uuid4().hex[:12] for name, _ in arms}
+    row: dict[str, Any] = {"tokens": 0}
+    for phase, question in (("cold", record.question), ("warm", second_question)):
+        for name, url in arms:
+            text = long_prompt(record, others, count, nonces[name], question)
+            row["tokens"] = max(row["tokens"], count(text))
+            took, header = _ask(http, url, text, args.max_tokens)
+            row[f"{phase}_{name}"] = took
+            if name == "leangate":
+                row[f"{phase}_header"] = _fields(header)
+    log(
+        f"record {index}: {row['tokens']} tokens; cold direct {row['cold_direct']:.2f}s, "
+        f"leangate {row['cold_leangate']:.2f}s; warm direct {row['warm_direct']:.2f}s, "
+        f"leangate {row['warm_leangate']:.2f}s; {row['cold_header']}"
+    )
+    return row
+
+
+def _fields(header: str) -> dict[str, str]:
+    parts = [p.strip() for p in header.split(";")]
+    fields = {"decision": parts[0] if parts else ""}
+    fields.update(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
+    return fields
+
+
+def _e2e_figures(rows: list[dict[str, Any]]) -> dict[str, object]:
+    if not rows:
+        return {}
+    cold = [r["cold_direct"] / r["cold_leangate"] for r in rows]
+    warm = [r["warm_direct"] / r["warm_leangate"] for r in rows]
+    compressor = [float(r["cold_header"].get("ms", 0)) / 1000 for r in rows]
+    saved = [
+        r["cold_direct"] - (r["cold_leangate"] - c) for r, c in zip(rows, compressor, strict=True)
+    ]
+    before = [int(r["cold_header"].get("tokens_before", 0)) for r in rows]
+    after = [int(r["cold_header"].get("tokens_after", 0) or 1) for r in rows]
+    return {
+        "e2e_speedup_long": rounded(statistics.median(cold), 3),
+        "e2e_speedup_warm": rounded(statistics.median(warm), 3),
+        "cost_share_of_prefill_saved": rounded(sum(compressor) / sum(saved), 4)
+        if sum(saved) > 0
+        else None,
+        "e2e_prompt_tokens_median": statistics.median(r["tokens"] for r in rows),
+        "e2e_token_reduction_median": rounded(
+            statistics.median(b / a for b, a in zip(before, after, strict=True)), 3
+        ),
+        "e2e_compressed_share": rounded(
+            sum(r["cold_header"].get("decision") == "compressed" for r in rows) / len(rows), 3
+        ),
+        "e2e_direct_cold_s_median": rounded(statistics.median(r["cold_direct"] for r in rows), 3),
+        "e2e_leangate_cold_s_median": rounded(
+            statistics.median(r["cold_leangate"] for r in rows), 3
+        ),
+        "e2e_records": len(rows),
+        "e2e_compressor_ms_median": rounded(statistics.median(compressor) * 1000, 2),
+        "e2e_compressor_ms_per_1k_tokens_median": rounded(
+            statistics.median(c * 1e6 / b for c, b in zip(compressor, before, strict=True)), 2
+        ),
+        "e2e_max_tokens_ignore_eos": True,
+        "e2e_cpu_count": os.cpu_count(),
+    }

@@ -1,0 +1,302 @@
+"""``leangate bench decompose``: problem decomposition on the real backend.
+
+Data: ``<data-dir>/hotpotqa/dev_distractor_20.json`` and ``<data-dir>/gsm8k/test.jsonl``.
+
+1. *retrieval*: for each HotpotQA record, pick 3 of its 10 paragraphs with MiniLM. The
+   baseline ranks them by the question (``baseline_both_gold_recall``); decomposition
+   asks the decomposer (the same prompt and pattern as the ``decompose`` stage) for
+   sub-questions and fills the same 3 slots round-robin from the rankings of the question
+   and of each sub-question (``both_gold_recall``: both gold paragraphs among the 3).
+   Records are split into a tune and a held-out part by a hash of their id; nothing was
+   tuned on either, both are reported, the unsuffixed figure is the held-out one.
+2. *latency*: a seeded plan of 4 independent sub-questions runs through a proxy with the
+   stage (its solve time from the stage's own spans); then the same 4 steps are sent
+   alone, one after another. ``solve_time_ratio`` is the solve time over the slowest step
+   alone, ``sequential_time_ratio`` the steps one after another over the solve time.
+3. *accuracy*: GSM8K problems answered directly and through the stage (temperature 0);
+   the last number of each answer against the gold answer after ``####``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from leangate.cache.intermediate import IntermediateCache
+from leangate.middleware.policy import ANONYMOUS
+from leangate.planners.decompose import (
+    DECOMPOSE_SYSTEM,
+    PLAN_HEADER,
+    PLAN_KIND,
+    SOLVE_SYSTEM,
+)
+from leangate.planners.plan import PlanError, parse_plan, plan_regex
+
+from . import hotpot
+from .common import (
+    BenchError,
+    add_common_arguments,
+    backend_urls,
+    log,
+    machine_info,
+    rounded,
+    spawn_proxy,
+)
+
+MODEL = "SmolLM2-135M-Instruct"
+MAX_STEPS = 4
+SLOTS = 3
+GSM8K_FILE = Path("gsm8k") / "test.jsonl"
+POLICY = f"""
+rules:
+  - name: decompose
+    stages:
+      - use: decompose
+        settings: {{mode: always, max_steps: {MAX_STEPS}}}
+"""
+LATENCY_PLAN = [
+    {"question": "What is a good first houseplant for a dark room?", "needs": []},
+    {"question": "How often should a cactus be watered in winter?", "needs": []},
+    {"question": "Which vegetables grow well on a balcony?", "needs": []},
+    {"question": "What does compost add to garden soil?", "needs": []},
+]
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--parts", default="retrieval,latency,accuracy")
+    parser.add_argument("--problems", type=int, default=None, help="GSM8K problems")
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    result: dict[str, object] = {"benchmark": "decompose", "quick": bool(args.quick)}
+    started = time.perf_counter()
+    missing = [
+        str(args.data_dir / f)
+        for f in (hotpot.FILE, GSM8K_FILE)
+        if not (args.data_dir / f).is_file()
+    ]
+    result["data_missing"] = missing
+    redis_url = args.redis_url or "redis://127.0.0.1:6379/0"
+    with backend_urls(args) as urls:
+        if "retrieval" in args.parts and (args.data_dir / hotpot.FILE).is_file():
+            result.update(_retrieval(urls[0], hotpot.load(args.data_dir)))
+        if "latency" in args.parts:
+            result.update(_latency(urls, redis_url, rounds=2 if args.quick else 5))
+        if "accuracy" in args.parts and (args.data_dir / GSM8K_FILE).is_file():
+            count = args.problems or (8 if args.quick else 40)
+            result.update(_accuracy(urls, args.data_dir / GSM8K_FILE, count))
+    if not any(k.endswith("recall") or k.endswith("ratio") for k in result):
+        raise BenchError(f"nothing measured; missing data: {', '.join(missing) or 'none'}")
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine_info()
+    return result
+
+
+# --- retrieval ---------------------------------------------------------------------------
+
+
+def _sub_questions(http: httpx.Client, url: str, question: str) -> list[str]:
+    body = {
+        "model": MODEL,
+        "temperature": 0,
+        "repetition_penalty": 1.1,
+        "messages": [
+            {"role": "system", "content": DECOMPOSE_SYSTEM.format(max_steps=MAX_STEPS)},
+            {"role": "user", "content": f"Question: {question}\nSub-questions:"},
+        ],
+        "max_tokens": 160,
+        "structured_outputs": {"regex": plan_regex(MAX_STEPS)},
+    }
+    answer = http.post(f"{url}/v1/chat/completions", json=body).json()
+    try:
+        plan = parse_plan(answer["choices"][0]["message"]["content"], MAX_STEPS)
+    except PlanError:
+        return []
+    return [step.question for step in plan.steps]
+
+
+def _gold_titles(record: hotpot.Record) -> set[str]:
+    return {
+        title
+        for title, sentences in record.paragraphs
+        if any(s.strip() in record.supporting for s in sentences)
+    }
+
+
+def _pick(rankings: list[list[int]], slots: int) -> set[int]:
+    """Round-robin over the rankings, best first, until ``slots`` distinct picks."""
+    picked: list[int] = []
+    for depth in range(max(len(r) for r in rankings)):
+        for ranking in rankings:
+            if depth < len(ranking) and ranking[depth] not in picked:
+                picked.append(ranking[depth])
+            if len(picked) == slots:
+                return set(picked)
+    return set(picked)
+
+
+def _retrieval(url: str, records: list[hotpot.Record]) -> dict[str, object]:
+    from leangate.cache.embedder import Embedder
+
+    embedder = Embedder()
+    rows: list[tuple[bool, bool, bool, int]] = []
+    with httpx.Client(timeout=300) as http:
+        for record in records:
+            texts = [f"{t}: {' '.join(s)}" for t, s in record.paragraphs]
+            paragraphs = embedder.embed(texts)
+            subs = _sub_questions(http, url, record.question)
+            queries = embedder.embed([record.question, *subs])
+            rankings = [list(np.argsort(-(paragraphs @ q))) for q in queries]
+            gold = _gold_titles(record)
+            titles = [t for t, _ in record.paragraphs]
+
+            def both(picked: set[int], gold: set[str] = gold, titles: list[str] = titles) -> bool:
+                return gold <= {titles[i] for i in picked}
+
+            rows.append(
+                (
+                    record.tune,
+                    both(set(rankings[0][:SLOTS])),
+                    both(_pick(rankings, SLOTS)),
+                    len(subs),
+                )
+            )
+            found = "found" if rows[-1][2] else "missed"
+            log(f"retrieval {record.id[:8]}: {len(subs)} sub-questions, both gold {found}")
+
+    def share(part: bool | None, column: int) -> float | None:
+        chosen = [r[column] for r in rows if part is None or r[0] == part]
+        return rounded(float(np.mean(chosen)), 3) if chosen else None
+
+    return {
+        "both_gold_recall": share(False, 2),
+        "both_gold_recall_tune": share(True, 2),
+        "baseline_both_gold_recall": share(False, 1),
+        "baseline_both_gold_recall_tune": share(True, 1),
+        "retrieval_slots": SLOTS,
+        "retrieval_records_holdout": sum(not r[0] for r in rows),
+        "retrieval_plans_refused": sum(r[3] == 0 for r in rows),
+    }
+
+
+# --- latency -----------------------------------------------------------------------------
+
+
+def _latency(urls: list[str], redis_url: str, rounds: int) -> dict[str, object]:
+    import orjson
+    import redis
+
+    store = redis.Redis.from_url(redis_url)
+    solve, slowest, sequential = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        policy = Path(folder) / "decompose.yaml"
+        policy.write_text(POLICY)
+        with (
+            spawn_proxy(urls, policy=policy, redis_url=redis_url) as proxy,
+            httpx.Client(timeout=300) as http,
+        ):
+            for index in range(rounds + 1):  # the first round warms up
+                question = f"What should a new gardener know? ({uuid.uuid4().hex[:8]})"
+                key = IntermediateCache.key(ANONYMOUS, PLAN_KIND, [MODEL, MAX_STEPS, question])
+                store.set(key, orjson.dumps(LATENCY_PLAN), px=600_000)
+                body = {"model": MODEL, "messages": [{"role": "user", "content": question}]}
+                response = http.post(f"{proxy.url}/v1/chat/completions", json=body)
+                response.raise_for_status()
+                spans = _spans(response.headers[PLAN_HEADER])
+                alone = _sequential(http, urls[0])
+                took = max(b for _, b in spans)
+                if index:
+                    solve.append(took)
+                    slowest.append(max(alone))
+                    sequential.append(sum(alone))
+                log(
+                    f"latency round {index}: solve {took:.2f}s, slowest step alone "
+                    f"{max(alone):.2f}s, one after another {sum(alone):.2f}s"
+                )
+    return {
+        "solve_time_ratio": rounded(
+            statistics.median(s / w for s, w in zip(solve, slowest, strict=True)), 3
+        ),
+        "sequential_time_ratio": rounded(
+            statistics.median(q / s for q, s in zip(sequential, solve, strict=True)), 3
+        ),
+        "latency_steps": len(LATENCY_PLAN),
+        "latency_rounds": rounds,
+    }
+
+
+def _spans(header: str) -> list[tuple[float, float]]:
+    items = header.split("spans=")[1].split(";")[0].split(",")
+    return [tuple(float(x) for x in item.split(":")[1].split("-")) for item in items]  # type: ignore[misc]
+
+
+def _sequential(http: httpx.Client, url: str) -> list[float]:
+    """Each of the plan's steps alone, sent one after another as the stage would send
+    them: their seconds."""
+    took = []
+    for step in LATENCY_PLAN:
+        started = time.perf_counter()
+        body = {
+            "model": MODEL,
+            "temperature": 0,
+            "max_tokens": 80,
+            "messages": [
+                {"role": "system", "content": SOLVE_SYSTEM},
+                {"role": "user", "content": step["question"]},
+            ],
+        }
+        http.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+        took.append(time.perf_counter() - started)
+    return took
+
+
+# --- accuracy ----------------------------------------------------------------------------
+
+
+def _accuracy(urls: list[str], path: Path, count: int) -> dict[str, object]:
+    problems = [json.loads(line) for line in path.read_text().splitlines()[:count]]
+    right = {"direct": 0, "decompose": 0}
+    times: dict[str, list[float]] = {"direct": [], "decompose": []}
+    with tempfile.TemporaryDirectory() as folder:
+        policy = Path(folder) / "decompose.yaml"
+        policy.write_text(POLICY)
+        with spawn_proxy(urls, policy=policy) as proxy, httpx.Client(timeout=600) as http:
+            for problem in problems:
+                gold = _number(problem["answer"].split("####")[-1])
+                body = {
+                    "model": MODEL,
+                    "temperature": 0,
+                    "max_tokens": 200,
+                    "messages": [{"role": "user", "content": problem["question"]}],
+                }
+                for arm, url in (("direct", urls[0]), ("decompose", proxy.url)):
+                    started = time.perf_counter()
+                    answer = http.post(f"{url}/v1/chat/completions", json=body).json()
+                    times[arm].append(time.perf_counter() - started)
+                    numbers = _NUMBER.findall(answer["choices"][0]["message"]["content"] or "")
+                    right[arm] += bool(numbers) and _number(numbers[-1]) == gold
+    return {
+        "accuracy": rounded(right["decompose"] / len(problems), 3),
+        "baseline_accuracy": rounded(right["direct"] / len(problems), 3),
+        "accuracy_problems": len(problems),
+        "accuracy_time_ratio": rounded(
+            statistics.median(times["decompose"]) / statistics.median(times["direct"]), 3
+        ),
+    }
+
+
+def _number(text: str) -> float | None:
+    found = _NUMBER.search(text.replace(",", ""))
+    return float(found.group()) if found else None

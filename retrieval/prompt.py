@@ -1,0 +1,129 @@
+"""Which parts of a chat may be compressed, and the compressed chat.
+
+Never altered: system messages, assistant and tool messages, short user messages, and in
+the last user message its first paragraph when it is short (the instruction) and its last
+paragraph (the question). Long earlier user messages and the middle of the last one (the
+documents pasted between instruction and question) are compressible, sentence by sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .select import Candidate, Selection, Selector, SelectSettings, candidates_of
+from .text import Segment, assemble, segment
+
+Count = Callable[[str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One message's text, cut into segments; ``locked`` ones are always kept."""
+
+    message: int
+    text: str
+    segments: list[Segment]
+    locked: frozenset[int]
+
+
+@dataclass
+class Plan:
+    question: str
+    parts: list[Part]
+    candidates: list[Candidate]
+    owners: list[tuple[int, int]]
+    """For each candidate: its part and its segment's index there."""
+
+    @property
+    def compressible_tokens(self) -> int:
+        return sum(c.tokens for c in self.candidates)
+
+
+def plan(
+    messages: Sequence[Mapping[str, Any]],
+    count: Count,
+    *,
+    min_block_tokens: int,
+    instruction_max_tokens: int,
+) -> Plan | None:
+    """The compressible parts of ``messages``, or None when the chat has no plain-text
+    last user turn (tool calls, images) or nothing to compress."""
+    if not messages or any(not isinstance(m.get("content"), str | None) for m in messages):
+        return None
+    last = messages[-1]
+    if last.get("role") != "user" or not str(last.get("content") or "").strip():
+        return None
+    parts: list[Part] = []
+    question = ""
+    for index, message in enumerate(messages):
+        text = str(message.get("content") or "")
+        if index == len(messages) - 1:
+            part, question = _last_turn(index, text, count, instruction_max_tokens)
+            parts.append(part)
+        elif message.get("role") == "user" and count(text) >= min_block_tokens:
+            parts.append(Part(index, text, segment(text), frozenset()))
+    candidates: list[Candidate] = []
+    owners: list[tuple[int, int]] = []
+    for number, part in enumerate(parts):
+        found = candidates_of(part.segments, count, section_base=_next_section(candidates))
+        for i, candidate in enumerate(found):
+            if i not in part.locked:
+                candidates.append(candidate)
+                owners.append((number, i))
+    if not candidates:
+        return None
+    return Plan(question, parts, candidates, owners)
+
+
+def _next_section(candidates: Sequence[Candidate]) -> int:
+    return candidates[-1].section + 1 if candidates else 0
+
+
+def _last_turn(
+    index: int, text: str, count: Count, instruction_max_tokens: int
+) -> tuple[Part, str]:
+    segments = segment(text)
+    paragraphs = sorted({s.paragraph for s in segments})
+    locked_paragraphs = set(paragraphs[-1:])
+    if paragraphs:
+        first = " ".join(s.text for s in segments if s.paragraph == paragraphs[0])
+        if count(first) <= instruction_max_tokens:
+            locked_paragraphs.add(paragraphs[0])
+    locked = frozenset(i for i, s in enumerate(segments) if s.paragraph in locked_paragraphs)
+    question_text = (
+        " ".join(s.text for s in segments if s.paragraph == paragraphs[-1] and s.kind != "heading")
+        if paragraphs
+        else ""
+    )
+    return Part(index, text, segments, locked), question_text
+
+
+def select(plan_: Plan, budget: int, settings: SelectSettings) -> Selection:
+    """Lexical selection with the second hop (no dense scores)."""
+    selector = Selector(plan_.question, plan_.candidates, settings)
+    if settings.hop_sources:
+        selector.second_hop()
+    return selector.choose(budget)
+
+
+def rebuild(
+    messages: Sequence[Mapping[str, Any]], plan_: Plan, keep: set[int]
+) -> list[dict[str, Any]]:
+    """``messages`` with each compressible part reduced to its locked and kept segments."""
+    kept: dict[int, set[int]] = {n: set(p.locked) for n, p in enumerate(plan_.parts)}
+    for candidate in keep:
+        number, index = plan_.owners[candidate]
+        kept[number].add(index)
+    out = [dict(m) for m in messages]
+    for number, part in enumerate(plan_.parts):
+        out[part.message]["content"] = assemble(part.text, part.segments, kept[number])
+    return out
+
+
+def budget(plan_: Plan, before: int, *, ratio: float, target_tokens: int | None = None) -> int:
+    """Tokens the compressible candidates may keep so that the whole prompt of ``before``
+    tokens shrinks to ``target_tokens`` (or by ``ratio``)."""
+    target = target_tokens if target_tokens is not None else round(before / ratio)
+    return max(target - (before - plan_.compressible_tokens), 0)
