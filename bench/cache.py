@@ -43,6 +43,8 @@ from leangate.cache.stage import EMBED_TIMING
 if TYPE_CHECKING:
     from leangate.cache.semantic_eval import Prepared, Selector
 
+from leangate.backend.localvllm import MODEL_NAME
+
 from .common import (
     BenchError,
     RawHTTPClient,
@@ -62,7 +64,7 @@ from .common import (
 )
 
 T = TypeVar("T")
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = MODEL_NAME  # the bundled model
 RESPONDER_MODEL = "bench-model"
 CHAT = "/v1/chat/completions"
 CACHE_POLICY = """

@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from leangate.backend.localvllm import MODEL_NAME
 from leangate.retrieval.compress import HEADER, CompressSettings
 from leangate.retrieval.prompt import budget, plan, rebuild
 from leangate.retrieval.select import Selector
@@ -55,7 +56,7 @@ from .common import (
 )
 from .protected import protected_prompts, violations
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = MODEL_NAME  # the bundled model
 POLICY = """
 rules:
   - name: compress

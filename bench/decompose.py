@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from leangate.backend.localvllm import MODEL_NAME
 from leangate.cache.intermediate import IntermediateCache
 from leangate.middleware.policy import ANONYMOUS
 from leangate.planners.decompose import (
@@ -52,7 +53,7 @@ from .common import (
     spawn_proxy,
 )
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = MODEL_NAME  # the bundled model
 MAX_STEPS = 4
 SLOTS = 3
 GSM8K_FILE = Path("gsm8k") / "test.jsonl"

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from leangate.backend.localvllm import MODEL_NAME
 from leangate.planners.router import RouterWeights, cross_validate, read_labelled
 from leangate.planners.sot import PLAN_HEADER
 
@@ -48,7 +49,7 @@ from .common import (
     spawn_proxy,
 )
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = MODEL_NAME  # the bundled model
 REFERENCE_FILES = (
     "vicuna_bench_reference_answer_gpt-4.jsonl",
     "mt_bench_reference_answer_gpt-4.jsonl",
