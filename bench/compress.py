@@ -292,7 +292,8 @@ def _pair(
     log(
         f"record {index}: {row['tokens']} tokens; cold direct {row['cold_direct']:.2f}s, "
         f"leangate {row['cold_leangate']:.2f}s; warm direct {row['warm_direct']:.2f}s, "
-        f"leangate {row['warm_leangate']:.2f}s; {row['cold_header']}"
+        f"leangate {row['warm_leangate']:.2f}s; cold {row['cold_header']}; "
+        f"warm {row['warm_header']}"
     )
     return row
 

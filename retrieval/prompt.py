@@ -8,6 +8,7 @@ documents pasted between instruction and question) are compressible, sentence by
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,17 +110,59 @@ def select(plan_: Plan, budget: int, settings: SelectSettings) -> Selection:
 
 
 def rebuild(
-    messages: Sequence[Mapping[str, Any]], plan_: Plan, keep: set[int]
+    messages: Sequence[Mapping[str, Any]],
+    plan_: Plan,
+    keep: set[int],
+    earlier: Mapping[int, set[int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """``messages`` with each compressible part reduced to its locked and kept segments."""
-    kept: dict[int, set[int]] = {n: set(p.locked) for n, p in enumerate(plan_.parts)}
+    """``messages`` with each compressible part reduced to its locked and kept segments.
+
+    ``earlier`` maps a part to the segments an earlier request kept of the same text:
+    those are kept in place, so the part reads exactly as it did then and vLLM's prefix
+    cache still holds it, and the segments ``keep`` adds follow them (before the part's
+    question paragraph, if it has one)."""
+    earlier = earlier or {}
+    kept = segments_by_part(plan_, keep)
+    out = [dict(m) for m in messages]
+    for number, part in enumerate(plan_.parts):
+        base = earlier.get(number)
+        if base is None:
+            text = assemble(part.text, part.segments, part.locked | kept[number])
+        else:
+            text = _after_earlier(part, base, kept[number] - base)
+        out[part.message]["content"] = text
+    return out
+
+
+def segments_by_part(plan_: Plan, keep: set[int]) -> dict[int, set[int]]:
+    """The chosen candidates as segment indexes of each part."""
+    kept: dict[int, set[int]] = {n: set() for n in range(len(plan_.parts))}
     for candidate in keep:
         number, index = plan_.owners[candidate]
         kept[number].add(index)
-    out = [dict(m) for m in messages]
-    for number, part in enumerate(plan_.parts):
-        out[part.message]["content"] = assemble(part.text, part.segments, kept[number])
-    return out
+    return kept
+
+
+def part_key(plan_: Plan, number: int) -> str:
+    """What identifies a part's compressible text across requests (not its question)."""
+    texts = [
+        c.text for c, (n, _) in zip(plan_.candidates, plan_.owners, strict=True) if n == number
+    ]
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+
+
+def _after_earlier(part: Part, base: set[int], extra: set[int]) -> str:
+    if not extra:
+        return assemble(part.text, part.segments, part.locked | base)
+    last = part.segments[-1].paragraph
+    tail = {i for i in part.locked if part.segments[i].paragraph == last}
+    pieces = [
+        assemble(part.text, part.segments, (part.locked | base) - tail).rstrip(),
+        assemble(part.text, part.segments, extra).strip(),
+    ]
+    if tail:
+        pieces.append(assemble(part.text, part.segments, tail).strip())
+    return "\n\n".join(p for p in pieces if p)
 
 
 def budget(plan_: Plan, before: int, *, ratio: float, target_tokens: int | None = None) -> int:

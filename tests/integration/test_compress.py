@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
 import pytest
-from compress_corpus import long_prompt, prompt
+from compress_corpus import INSTRUCTION, QUESTION, long_prompt, prompt
 from conftest import MODEL, ProxyThread, proxy_settings, too_long_prompt, write_policy
 
 from leangate.bench.common import metric_total
@@ -102,3 +103,21 @@ def test_a_prompt_over_the_context_window_passes_through(
     assert through.json() == plain.json()
     skipped = metric_total(compressing.url, "leangate_compress_decisions_total")
     assert skipped >= 1 and "over-context" in httpx.get(f"{compressing.url}/metrics").text
+
+
+def test_the_same_document_asked_again_keeps_the_prefix_vllm_cached(
+    compressing: ProxyThread, vllm_url: str
+) -> None:
+    """A new question about a document sent before: its earlier compressed text comes
+    first again, so vLLM's prefix cache holds most of the prompt (its own counter)."""
+    tag = uuid.uuid4().hex[:12]
+    document = long_prompt().replace(INSTRUCTION, f"{INSTRUCTION} Reference {tag}.", 1)
+    first = _ask(compressing.url, [{"role": "user", "content": document}])
+    first.raise_for_status()
+    hits = metric_total(vllm_url, "vllm:prefix_cache_hits_total")
+    other = document.replace(QUESTION, "When did the Harwick museum open?")
+    second = _ask(compressing.url, [{"role": "user", "content": other}])
+    second.raise_for_status()
+    reused = metric_total(vllm_url, "vllm:prefix_cache_hits_total") - hits
+    assert "stable" in second.headers[HEADER]
+    assert reused >= 0.7 * first.json()["usage"]["prompt_tokens"], reused

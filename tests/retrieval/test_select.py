@@ -9,7 +9,7 @@ from compress_corpus import GOLD, QUESTION, SECTIONS, document, prompt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from leangate.retrieval.prompt import budget, plan, rebuild
+from leangate.retrieval.prompt import budget, part_key, plan, rebuild, segments_by_part
 from leangate.retrieval.select import Selector, SelectSettings, bridge_entities, candidates_of
 from leangate.retrieval.spans import protected_spans
 from leangate.retrieval.text import segment
@@ -168,3 +168,28 @@ def test_protected_spans_come_through_byte_identical(
     assert spans_out <= spans_in, "compression made a span that was not there"
     for seg in segment(out):
         assert seg.kind == "heading" or seg.text in original or seg.text in text
+
+
+def _chosen(text: str, ratio: float) -> tuple[list[dict[str, Any]], Any, set[int]]:
+    messages = [{"role": "user", "content": text}]
+    found = plan(messages, _count, min_block_tokens=20, instruction_max_tokens=40)
+    assert found is not None
+    selector = Selector(found.question, found.candidates, SelectSettings())
+    selector.second_hop()
+    return messages, found, selector.choose(budget(found, _count(text), ratio=ratio)).keep
+
+
+def test_a_text_seen_before_reads_as_it_did_then_and_adds_what_is_new() -> None:
+    first_messages, first, first_keep = _chosen(prompt(QUESTION), 3.0)
+    before = str(rebuild(first_messages, first, first_keep)[0]["content"])
+    other = "When was the Harwick museum opened, and where?"
+    messages, found, keep = _chosen(prompt(other), 3.0)
+    assert part_key(found, 0) == part_key(first, 0)  # the question is not part of the key
+    earlier = segments_by_part(first, first_keep)
+    again = str(rebuild(messages, found, keep, earlier)[0]["content"])
+    document_part = before[: before.rindex("Question:")].rstrip()
+    assert again.startswith(document_part), "the earlier compressed text is the prefix"
+    assert "It opened in a former grain store in 1954." in again
+    assert again.endswith(f"Question: {other}")
+    fresh = str(rebuild(messages, found, keep)[0]["content"])
+    assert not fresh.startswith(document_part), "without the memory the prefix would differ"
