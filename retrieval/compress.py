@@ -73,9 +73,9 @@ class CompressSettings(BaseModel):
     stable_extras: bool = False
     """With ``stable_prefix``: after the earlier text, add the best sentences the new
     question needs, as long as the backend profile predicts the request no slower than
-    the whole prompt with a warm prefix. Off by default: the profile's prefill model does
-    not grow with the cached context, so it under-predicts their cost (measured on the
-    HotpotQA warm case: 0.80x with them, 1.32x without)."""
+    the whole prompt with a warm prefix. Off by default: the profile under-predicted their
+    cost here (measured on the HotpotQA warm case: 0.80x with them, 1.32x without),
+    probably because its prefill model has no term for the cached context they extend."""
 
 
 @dataclass(frozen=True, slots=True)
