@@ -728,6 +728,15 @@ def sequential_round(
     return sample
 
 
+def header_fields(header: str) -> dict[str, str]:
+    """A leangate header such as ``sot; reason=faster; points=6``: its first part as
+    ``decision``, then its ``key=value`` parts."""
+    parts = [part.strip() for part in header.split(";")]
+    fields = {"decision": parts[0] if parts else ""}
+    fields.update(dict(part.split("=", 1) for part in parts[1:] if "=" in part))
+    return fields
+
+
 def metric_total(base_url: str, name: str) -> float:
     """Sum of every sample of metric ``name`` on a Prometheus ``/metrics`` page."""
     import httpx

@@ -49,6 +49,7 @@ from .common import (
     BenchError,
     add_common_arguments,
     backend_urls,
+    header_fields,
     log,
     machine_info,
     rounded,
@@ -288,7 +289,7 @@ def _pair(
             took, header = _ask(http, url, text, args.max_tokens)
             row[f"{phase}_{name}"] = took
             if name == "leangate":
-                row[f"{phase}_header"] = _fields(header)
+                row[f"{phase}_header"] = header_fields(header)
     log(
         f"record {index}: {row['tokens']} tokens; cold direct {row['cold_direct']:.2f}s, "
         f"leangate {row['cold_leangate']:.2f}s; warm direct {row['warm_direct']:.2f}s, "
@@ -296,13 +297,6 @@ def _pair(
         f"warm {row['warm_header']}"
     )
     return row
-
-
-def _fields(header: str) -> dict[str, str]:
-    parts = [p.strip() for p in header.split(";")]
-    fields = {"decision": parts[0] if parts else ""}
-    fields.update(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
-    return fields
 
 
 def _e2e_figures(rows: list[dict[str, Any]]) -> dict[str, object]:

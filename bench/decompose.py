@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -35,12 +36,14 @@ from leangate.backend.localvllm import MODEL_NAME
 from leangate.cache.intermediate import IntermediateCache
 from leangate.middleware.policy import ANONYMOUS
 from leangate.planners.decompose import (
-    DECOMPOSE_SYSTEM,
     PLAN_HEADER,
     PLAN_KIND,
-    SOLVE_SYSTEM,
+    DecomposeSettings,
+    plan_request,
+    step_messages,
+    step_spans,
 )
-from leangate.planners.plan import PlanError, parse_plan, plan_regex
+from leangate.planners.plan import PlanError, parse_plan
 
 from . import hotpot
 from .common import (
@@ -64,7 +67,7 @@ rules:
       - use: decompose
         settings: {{mode: always, max_steps: {MAX_STEPS}}}
 """
-LATENCY_PLAN = [
+LATENCY_PLAN: list[dict[str, Any]] = [
     {"question": "What is a good first houseplant for a dark room?", "needs": []},
     {"question": "How often should a cactus be watered in winter?", "needs": []},
     {"question": "Which vegetables grow well on a balcony?", "needs": []},
@@ -109,17 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _sub_questions(http: httpx.Client, url: str, question: str) -> list[str]:
-    body = {
-        "model": MODEL,
-        "temperature": 0,
-        "repetition_penalty": 1.1,
-        "messages": [
-            {"role": "system", "content": DECOMPOSE_SYSTEM.format(max_steps=MAX_STEPS)},
-            {"role": "user", "content": f"Question: {question}\nSub-questions:"},
-        ],
-        "max_tokens": 160,
-        "structured_outputs": {"regex": plan_regex(MAX_STEPS)},
-    }
+    body = plan_request(question, MODEL, MAX_STEPS, DecomposeSettings().plan_tokens)
     answer = http.post(f"{url}/v1/chat/completions", json=body).json()
     try:
         plan = parse_plan(answer["choices"][0]["message"]["content"], MAX_STEPS)
@@ -215,7 +208,7 @@ def _latency(urls: list[str], redis_url: str, rounds: int) -> dict[str, object]:
                 body = {"model": MODEL, "messages": [{"role": "user", "content": question}]}
                 response = http.post(f"{proxy.url}/v1/chat/completions", json=body)
                 response.raise_for_status()
-                spans = _spans(response.headers[PLAN_HEADER])
+                spans = list(step_spans(response.headers[PLAN_HEADER]).values())
                 alone = _sequential(http, urls[0])
                 took = max(b for _, b in spans)
                 if index:
@@ -238,11 +231,6 @@ def _latency(urls: list[str], redis_url: str, rounds: int) -> dict[str, object]:
     }
 
 
-def _spans(header: str) -> list[tuple[float, float]]:
-    items = header.split("spans=")[1].split(";")[0].split(",")
-    return [tuple(float(x) for x in item.split(":")[1].split("-")) for item in items]  # type: ignore[misc]
-
-
 def _sequential(http: httpx.Client, url: str) -> list[float]:
     """Each of the plan's steps alone, sent one after another as the stage would send
     them: their seconds."""
@@ -252,11 +240,8 @@ def _sequential(http: httpx.Client, url: str) -> list[float]:
         body = {
             "model": MODEL,
             "temperature": 0,
-            "max_tokens": 80,
-            "messages": [
-                {"role": "system", "content": SOLVE_SYSTEM},
-                {"role": "user", "content": step["question"]},
-            ],
+            "max_tokens": DecomposeSettings().step_tokens,
+            "messages": step_messages(step["question"], []),
         }
         http.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
         took.append(time.perf_counter() - started)

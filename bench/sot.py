@@ -43,6 +43,7 @@ from .common import (
     BenchError,
     add_common_arguments,
     backend_urls,
+    header_fields,
     log,
     machine_info,
     rounded,
@@ -183,13 +184,6 @@ def _text(answer: dict[str, Any]) -> str:
     return str(answer["choices"][0]["message"]["content"] or "")
 
 
-def _plan(header: str) -> dict[str, str]:
-    fields = [part.strip() for part in header.split(";")]
-    plan = {"decision": fields[0] if fields else ""}
-    plan.update(dict(f.split("=", 1) for f in fields[1:] if "=" in f))
-    return plan
-
-
 def _wait_calibrated(http: httpx.Client, url: str, question: str) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -246,7 +240,7 @@ def _compare(
     row: dict[str, Any] = {"group": group, "question": question}
     for name, url in arms:
         took, answer, header = _ask(http, url, question, max_tokens)
-        row[name] = {"s": took, "text": _text(answer), "plan": _plan(header)}
+        row[name] = {"s": took, "text": _text(answer), "plan": header_fields(header)}
     plan = row["leangate"]["plan"]
     if group == "positive" and plan["decision"] == "direct" and "predicted_sot_s" in plan:
         took, answer, _ = _ask(http, forced_url, question, max_tokens)
@@ -300,10 +294,6 @@ def _figures(
         "cost_model_judged": len(agree),
         "questions_per_group": len(rows) // 2,
     }
-
-
-def _planned(rows: list[dict[str, Any]], group: str) -> list[bool]:
-    return [r["leangate"]["plan"].get("decision") == "sot" for r in rows if r["group"] == group]
 
 
 def _agreement(row: dict[str, Any]) -> list[bool]:

@@ -119,6 +119,11 @@ class RequestContext:
     def path(self) -> str:
         return ROUTE_PATHS[self.route]
 
+    def answer_cap(self, default: int) -> int:
+        """The client's cap on the answer's tokens, or ``default``."""
+        cap = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        return int(cap) if cap else default
+
     @property
     def subrequests(self) -> SubRequests:
         """Backend calls the running stage makes on behalf of this request (see

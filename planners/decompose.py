@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -34,7 +35,7 @@ from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 from leangate.middleware.subrequests import Part
 from leangate.planners.plan import MAX_STEPS, Plan, PlanError, Step, parse_plan, plan_regex
-from leangate.planners.requests import answer_cap, plannable_question, sampling
+from leangate.planners.requests import plannable_question, sampling
 
 PLAN_HEADER = "x-leangate-plan"
 PLAN_KIND = "decompose-plan"
@@ -64,6 +65,39 @@ class DecomposeSettings(BaseModel):
     """The synthesis's cap when the client sets none."""
     step_budget_s: float = Field(120.0, gt=0)
     cache_plans: bool = True
+
+
+def plan_request(question: str, model: str, max_steps: int, max_tokens: int) -> dict[str, Any]:
+    """The decomposer's request for the plan of ``question``."""
+    return {
+        "model": model,
+        "temperature": 0,
+        "messages": [
+            {"role": "system", "content": DECOMPOSE_SYSTEM.format(max_steps=max_steps)},
+            {"role": "user", "content": f"Question: {question}\nSub-questions:"},
+        ],
+        "max_tokens": max_tokens,
+        "repetition_penalty": 1.1,
+        "structured_outputs": {"regex": plan_regex(max_steps)},
+    }
+
+
+def step_messages(question: str, notes: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """A step's prompt: its question, after the questions and answers of the steps it
+    uses, quoted as facts."""
+    facts = "".join(f"- {q} {a}\n" for q, a in notes)
+    prompt = f"Known facts:\n{facts}\nQuestion: {question}" if facts else question
+    return [{"role": "system", "content": SOLVE_SYSTEM}, {"role": "user", "content": prompt}]
+
+
+def step_spans(header: str) -> dict[int, tuple[float, float]]:
+    """Each step's start and end, read back from a plan header (``Solved.header``)."""
+    spans: dict[int, tuple[float, float]] = {}
+    for item in header.split("spans=")[1].split(";")[0].split(","):
+        number, times = item.split(":")
+        start, end = times.split("-")
+        spans[int(number)] = (float(start), float(end))
+    return spans
 
 
 @dataclass
@@ -121,20 +155,7 @@ class DecomposeStage:
             stored = await self.plans.get(ctx.tenant, PLAN_KIND, key)
             if stored is not None:
                 return Plan.from_data(stored), "cache"
-        body = {
-            "model": model,
-            "temperature": 0,
-            "messages": [
-                {
-                    "role": "system",
-                    "content": DECOMPOSE_SYSTEM.format(max_steps=self.settings.max_steps),
-                },
-                {"role": "user", "content": f"Question: {question}\nSub-questions:"},
-            ],
-            "max_tokens": self.settings.plan_tokens,
-            "repetition_penalty": 1.1,
-            "structured_outputs": {"regex": plan_regex(self.settings.max_steps)},
-        }
+        body = plan_request(question, model, self.settings.max_steps, self.settings.plan_tokens)
         answer = await ctx.subrequests.complete(body)
         plan = parse_plan(answer_text(ctx.route, answer), self.settings.max_steps)
         if self.settings.cache_plans:
@@ -178,15 +199,10 @@ class DecomposeStage:
         self, ctx: RequestContext, step: Step, plan: Plan, inputs: list[str]
     ) -> dict[str, Any]:
         used = [plan.steps[n - 1].question for n in step.needs]
-        notes = "".join(f"- {q} {a}\n" for q, a in zip(used, inputs, strict=True))
-        prompt = f"Known facts:\n{notes}\nQuestion: {step.question}" if notes else step.question
         return {
             **sampling(ctx),
             "temperature": 0,
-            "messages": [
-                {"role": "system", "content": SOLVE_SYSTEM},
-                {"role": "user", "content": prompt},
-            ],
+            "messages": step_messages(step.question, list(zip(used, inputs, strict=True))),
             "max_tokens": self.settings.step_tokens,
         }
 
@@ -204,7 +220,7 @@ class DecomposeStage:
                 {"role": "system", "content": SYNTHESIS_SYSTEM},
                 {"role": "user", "content": f"Notes:\n{notes}\n\nQuestion: {question}"},
             ],
-            "max_tokens": answer_cap(ctx, self.settings.default_max_tokens),
+            "max_tokens": ctx.answer_cap(self.settings.default_max_tokens),
         }
 
     def _record(self, started: float) -> None:

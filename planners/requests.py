@@ -28,9 +28,3 @@ def plannable_question(ctx: RequestContext) -> str | None:
 
 def sampling(ctx: RequestContext) -> dict[str, Any]:
     return {k: ctx.body[k] for k in SAMPLING_FIELDS if k in ctx.body}
-
-
-def answer_cap(ctx: RequestContext, default: int) -> int:
-    """The client's cap on the answer's tokens, or ``default``."""
-    cap = ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")
-    return int(cap) if cap else default

@@ -30,7 +30,7 @@ from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 from leangate.middleware.subrequests import Part, SubStream
-from leangate.planners.requests import answer_cap, plannable_question, sampling
+from leangate.planners.requests import plannable_question, sampling
 from leangate.planners.router import RouterWeights
 from leangate.planners.skeleton import (
     MAX_POINTS,
@@ -144,7 +144,7 @@ class SotStage:
         return profile.predict(prompt, cap), skeleton + expand
 
     def _answer_tokens(self, ctx: RequestContext) -> int:
-        return answer_cap(ctx, self.settings.default_max_tokens)
+        return ctx.answer_cap(self.settings.default_max_tokens)
 
     def expansion_tokens(self, ctx: RequestContext) -> int:
         """Each point's token cap: the answer's cap shared by the points expected, which

@@ -183,8 +183,7 @@ class CompressStage:
         profile = self.services.profile
         if not profile.calibrated:
             return (before - after) / self.settings.uncalibrated_prefill_tps, False
-        answer = int(ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or 0)
-        answer = answer or DEFAULT_ANSWER_TOKENS
+        answer = ctx.answer_cap(DEFAULT_ANSWER_TOKENS)
         return profile.predict(before, answer) - profile.predict(after, answer), True
 
     def _target(self) -> dict[str, Any]:
@@ -258,8 +257,7 @@ class CompressStage:
         if not extras or not profile.calibrated or not self.settings.stable_extras:
             return placed
         tokenizer = self.services.tokenizer
-        answer = int(ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or 0)
-        answer = answer or DEFAULT_ANSWER_TOKENS
+        answer = ctx.answer_cap(DEFAULT_ANSWER_TOKENS)
         question = tokenizer.estimate(ctx.model, found.question)
         base = tokenizer.estimate_messages(ctx.model, rebuild(messages, found, placed, earlier))
         limit = profile.predict(before, answer, cached_tokens=before - question)

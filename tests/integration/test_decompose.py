@@ -19,7 +19,7 @@ from conftest import MODEL, NO_STAGES, ProxyThread, proxy_settings, write_policy
 from leangate.bench.common import metric_total
 from leangate.cache.intermediate import IntermediateCache
 from leangate.middleware.policy import ANONYMOUS, parse_policy
-from leangate.planners.decompose import PLAN_HEADER, PLAN_KIND
+from leangate.planners.decompose import PLAN_HEADER, PLAN_KIND, step_spans
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +56,6 @@ def _seed(
     redis.Redis.from_url(redis_url).set(key, orjson.dumps(plan), px=120_000)
 
 
-def _spans(header: str) -> dict[int, tuple[float, float]]:
-    spans = header.split("spans=")[1].split(";")[0]
-    found = {}
-    for item in spans.split(","):
-        number, times = item.split(":")
-        start, end = times.split("-")
-        found[int(number)] = (float(start), float(end))
-    return found
-
-
 def _question() -> str:
     tag = uuid.uuid4().hex[:8]
     return f"Which is heavier, a blue whale or an elephant, and what does each eat? ({tag})"
@@ -98,7 +88,7 @@ def test_independent_steps_overlap_and_dependent_ones_wait(
     response.raise_for_status()
     header = response.headers[PLAN_HEADER]
     assert "plan=cache" in header and "depth=2" in header
-    spans = _spans(header)
+    spans = step_spans(header)
     (a1, b1), (a2, b2), (a3, _) = spans[1], spans[2], spans[3]
     assert a1 < b2 and a2 < b1, f"the independent steps ran one after the other: {spans}"
     assert max(b1, b2) - min(a1, a2) <= 1.5 * max(b1 - a1, b2 - a2)
