@@ -387,7 +387,7 @@ def bridge_entities(text: str, question: str) -> set[str]:
 
 
 def _core_title(title: str) -> str:
-    """A title without its disambiguation ("Ed Wood (film)" names "ed wood")."""
+    """A title without its disambiguation ("Marrow Point (lighthouse)" names "marrow point")."""
     return " ".join(WORD.findall(PARENTHETICAL.sub("", title).lower()))
 
 
