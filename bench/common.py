@@ -925,3 +925,24 @@ class _LoadRound:
             self.done.set_result(None)
         else:
             self.done.set_exception(exc)
+
+
+def tokens_counter() -> tuple[Callable[[str], int], Path | None]:
+    """Token counts with the bundled model's own tokenizer when its folder is here (else
+    4 characters a token), and that folder."""
+    from leangate.backend.localvllm import LocalVLLMConfig
+
+    folder = LocalVLLMConfig().model_dir
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids), folder
+    return lambda text: max(1, round(len(text) / 4)), None
+
+
+def tokenizer_env(folder: Path | None) -> dict[str, str]:
+    """The environment that gives a spawned proxy the bundled model's tokenizer."""
+    from leangate.backend.localvllm import MODEL_NAME
+
+    return {"LEANGATE_TOKENIZER_DIRS": json.dumps({MODEL_NAME: str(folder)})} if folder else {}

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -54,6 +53,8 @@ from .common import (
     machine_info,
     rounded,
     spawn_proxy,
+    tokenizer_env,
+    tokens_counter,
 )
 from .protected import protected_prompts, violations
 
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
-    count, tokenizer_dir = _counter()
+    count, tokenizer_dir = tokens_counter()
     result: dict[str, object] = {"benchmark": "compress", "quick": bool(args.quick)}
     result["tokens_counted_with"] = str(tokenizer_dir) if tokenizer_dir else "chars/4 estimate"
     path = args.data_dir / hotpot.FILE
@@ -99,19 +100,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     result["duration_s"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine_info()
     return result
-
-
-def _counter() -> tuple[Count, Path | None]:
-    """Exact counts with the served model's own tokenizer when its folder is here."""
-    from leangate.backend.localvllm import LocalVLLMConfig
-
-    folder = LocalVLLMConfig().model_dir
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids), folder
-    return lambda text: max(1, round(len(text) / 4)), None
 
 
 def compress_text(text: str, count: Count, ratio: float) -> tuple[str, float]:
@@ -216,11 +204,7 @@ def _e2e(
     n = args.records or (4 if args.quick else len(records))
     rng = random.Random(args.seed)
     chosen = rng.sample(records, min(n + 1, len(records)))
-    env = (
-        {"LEANGATE_TOKENIZER_DIRS": json.dumps({MODEL: str(tokenizer_dir)})}
-        if tokenizer_dir
-        else {}
-    )
+    env = tokenizer_env(tokenizer_dir)
     with tempfile.TemporaryDirectory() as folder:
         policy = Path(folder) / "compress.yaml"
         policy.write_text(POLICY % args.ratio)

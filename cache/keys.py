@@ -42,7 +42,10 @@ def _digest(parts: dict[str, Any]) -> str:
 def exact_hash(ctx: RequestContext) -> str:
     """Hash of the normalized request: route, model, every message, every sampling field."""
     fields = {k: v for k, v in ctx.body.items() if k not in NOT_IN_KEY}
-    return _digest({"route": ctx.route, "body": fields})
+    extra = ctx.options.answer_inputs()
+    if extra is None:
+        return _digest({"route": ctx.route, "body": fields})
+    return _digest({"route": ctx.route, "body": fields, "options": extra})
 
 
 def answer_key(ctx: RequestContext, namespace: str, request_hash: str) -> str:
@@ -81,6 +84,7 @@ def semantic_parts(ctx: RequestContext, namespace: str) -> tuple[str, str] | Non
             "route": ctx.route,
             "fields": fields,
             "ctx": context,
+            "options": ctx.options.answer_inputs(),
         }
     )
     return scope, text

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "sot": "leangate.bench.sot",
     "compress": "leangate.bench.compress",
     "decompose": "leangate.bench.decompose",
+    "rag": "leangate.bench.rag",
 }
 
 

@@ -89,6 +89,31 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.rag_selections = Counter(
+            "leangate_rag_selections",
+            "RAG context selections, by outcome (selected, within-budget, failed-open-*)",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.rag_tokens = Counter(
+            "leangate_rag_tokens",
+            "Context tokens offered to RAG selection and sent on",
+            ["stage", "kind"],
+            registry=r,
+        )
+        self.rag_seconds = Histogram(
+            "leangate_rag_seconds",
+            "The RAG stage's own time per request (search and selection)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rag_events = Counter(
+            "leangate_rag_events",
+            "RAG problems that did not fail the request (an unknown corpus)",
+            ["stage", "event"],
+            registry=r,
+        )
         self.subrequests = Counter(
             "leangate_subrequests",
             "Backend calls stages made on behalf of a request",
@@ -124,6 +149,15 @@ class Metrics:
         self.compress_tokens.labels(stage, "before").inc(before)
         self.compress_tokens.labels(stage, "after").inc(after)
         self.compress_seconds.labels(stage).observe(seconds)
+
+    def rag_done(self, stage: str, outcome: str, before: int, after: int, seconds: float) -> None:
+        self.rag_selections.labels(stage, outcome).inc()
+        self.rag_tokens.labels(stage, "offered").inc(before)
+        self.rag_tokens.labels(stage, "sent").inc(after)
+        self.rag_seconds.labels(stage).observe(seconds)
+
+    def rag_event(self, stage: str, event: str) -> None:
+        self.rag_events.labels(stage, event).inc()
 
     def subrequest_done(self, stage: str, kind: str, outcome: str, usage: object) -> None:
         self.subrequests.labels(stage, kind, outcome).inc()

@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from leangate.retrieval.documents import Document
+
 Route = Literal["chat", "completions"]
+MAX_DOCUMENTS = 1000
 
 
 class _Open(BaseModel):
@@ -77,6 +80,21 @@ class RequestOptions(BaseModel):
     """Skip these of the policy's stages."""
     cache_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Store this answer for at most this long."""
+    documents: list[Document] | None = Field(None, max_length=MAX_DOCUMENTS)
+    """Context for the ``rag`` stage, which sends the model the parts that answer the
+    question (ignored when the policy runs no ``rag`` stage)."""
+    citations: bool = False
+    """Name the chunks the ``rag`` stage chose in a ``leangate`` field of the JSON body
+    (the ``x-leangate-citations`` header names them always)."""
+
+    def answer_inputs(self) -> dict[str, Any] | None:
+        """What in these options changes the answer, for cache keys."""
+        if not self.documents and not self.citations:
+            return None
+        return {
+            "documents": [d.model_dump() for d in self.documents or []],
+            "citations": self.citations,
+        }
 
 
 REQUEST_MODELS: dict[Route, type[ChatCompletionRequest] | type[CompletionRequest]] = {
