@@ -67,9 +67,10 @@ class RagSettings(BaseModel):
     neighbours: int = Field(1, ge=0, le=5)
     """Chunks on each side of a corpus hit that come along with it."""
     ratio: float = Field(4.0, ge=1.0, le=100.0)
-    """The context shrinks by this factor ..."""
+    """The context shrinks by this factor, unless ``budget_tokens`` is set."""
     budget_tokens: int | None = Field(None, ge=1)
-    """... or to this many tokens, whichever is smaller."""
+    """The context's budget in the served model's tokens (a context within it is sent
+    whole)."""
     dense_weight: float = Field(0.5, ge=0)
     """Weight of dense scores (corpus search, and attached documents with ``dense``)
     against lexical (BM25) ones."""
@@ -242,9 +243,7 @@ def select_evidence(
     sentences for ``question`` (``dense``: the embedder's similarities of some candidates
     to the question)."""
     before = pool.tokens
-    budget = round(before / settings.ratio)
-    if settings.budget_tokens is not None:
-        budget = min(budget, settings.budget_tokens)
+    budget = settings.budget_tokens or round(before / settings.ratio)
     if before <= budget or not pool.candidates:
         everything = write(pool, pool.everything(), np.zeros(len(pool.candidates)), "original")
         return everything, "within-budget"

@@ -1,0 +1,261 @@
+"""The ``rag`` stage's selection and its request rewriting, in process: chunking, the
+budget, placement, citations, the marked block, and failing open with nothing lost."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from leangate.backend.client import BackendClient, BackendSettings
+from leangate.backend.tokenizer import Tokenizer
+from leangate.backend.transport import HttpxTransport
+from leangate.cache.embedder import Embedder
+from leangate.cache.keys import exact_hash
+from leangate.cache.services import CacheServices
+from leangate.cache.store import MemoryStore
+from leangate.middleware.context import JsonResult, RequestContext
+from leangate.middleware.endpoint import forward
+from leangate.middleware.metrics import Metrics
+from leangate.middleware.pipeline import build_chain
+from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
+from leangate.middleware.services import Services
+from leangate.retrieval import rag
+from leangate.retrieval.chunks import chunk_document
+from leangate.retrieval.documents import Document
+from leangate.retrieval.evidence import Piece, Pool
+from leangate.retrieval.rag import (
+    CITATIONS_HEADER,
+    HEADER,
+    RagSettings,
+    RagStage,
+    given_pieces,
+    select_evidence,
+)
+
+ANSWER = {
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+MODELS = {"object": "list", "data": [{"id": "m", "object": "model"}]}
+
+# Invented documents: the answer needs the bridge from the first to the second.
+DOCS = [
+    Document(
+        id="harbor",
+        text=(
+            "The Quillon Lighthouse stands on the northern cape of Varell Island. "
+            "It was designed by the engineer Odile Brant in 1884. "
+            "Its lamp was converted to electricity in 1931."
+        ),
+        metadata={"title": "Quillon Lighthouse"},
+    ),
+    Document(
+        id="brant",
+        text=(
+            "Odile Brant was a French civil engineer. "
+            "She was born in the town of Sarlenne in 1849. "
+            "Brant also designed three bridges over the Loire."
+        ),
+        metadata={"title": "Odile Brant"},
+    ),
+    *[
+        Document(
+            id=f"filler-{n}",
+            text=" ".join(
+                f"The {kind} market of Tessaro {n} sells {item} every {day}."
+                for kind, item, day in (
+                    ("morning", "bread", "Monday"),
+                    ("evening", "fish", "Tuesday"),
+                    ("weekend", "cheese", "Saturday"),
+                    ("winter", "wool", "Sunday"),
+                )
+            ),
+            metadata={"title": f"Tessaro {n}"},
+        )
+        for n in range(6)
+    ],
+]
+QUESTION = "In which town was the designer of the Quillon Lighthouse born?"
+
+
+def rough(text: str) -> int:
+    return max(1, round(len(text) / 4))
+
+
+def test_chunks_keep_sentences_whole_and_paragraphs_apart() -> None:
+    text = "# Guide\nFirst one here. Second one here.\n\nThird is alone."
+    chunks = chunk_document("g", text, max_tokens=5)
+    assert [c.id for c in chunks] == ["g#0", "g#1", "g#2"]
+    assert [c.text for c in chunks] == ["First one here.", "Second one here.", "Third is alone."]
+    assert all(c.title == "Guide" for c in chunks)
+    assert [c.paragraph for c in chunks] == [0, 0, 1]
+    assert text[chunks[2].start : chunks[2].end] == chunks[2].text
+
+
+def test_selection_finds_the_bridge_within_the_budget() -> None:
+    pool = Pool(given_pieces(DOCS, None, rough), rough)
+    evidence, reason = select_evidence(QUESTION, pool, RagSettings(ratio=4))
+    assert reason == "selected"
+    assert evidence.tokens <= round(pool.tokens / 4)
+    assert "designed by the engineer Odile Brant" in evidence.text
+    assert "born in the town of Sarlenne" in evidence.text
+    assert {"harbor", "brant"} <= {p.chunk.doc_id for p in evidence.cited}
+
+
+def test_strongest_evidence_goes_last_and_chunks_are_headed_by_their_ids() -> None:
+    pool = Pool(given_pieces(DOCS, None, rough), rough)
+    last, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4))
+    first, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4, order="strongest-first"))
+    assert last.text.startswith("[") and "[harbor#0] Quillon Lighthouse\n" in last.text
+    assert last.cited[-1].chunk.doc_id in ("harbor", "brant")
+    assert first.cited[0].chunk.id == last.cited[-1].chunk.id
+    assert {p.chunk.id for p in first.cited} == {p.chunk.id for p in last.cited}
+
+
+def test_a_context_within_the_budget_is_sent_whole() -> None:
+    pool = Pool(given_pieces(DOCS[:2], None, rough), rough)
+    evidence, reason = select_evidence(QUESTION, pool, RagSettings(budget_tokens=10_000))
+    assert reason == "within-budget"
+    assert evidence.tokens == pool.tokens
+    assert all(sentence in evidence.text for d in DOCS[:2] for sentence in d.text.split(". "))
+
+
+def test_corpus_priors_weigh_in() -> None:
+    """Two chunks equal to BM25: the one the corpus search ranked higher wins."""
+    a = chunk_document("a", "Zeta pumps move water uphill.")[0]
+    b = chunk_document("b", "Zeta pumps move water downhill.")[0]
+    pool = Pool([Piece(a, "docs", prior=0.1), Piece(b, "docs", prior=0.9)], rough)
+    evidence, _ = select_evidence("zeta pumps water", pool, RagSettings(budget_tokens=9))
+    assert [p.chunk.id for p in evidence.cited] == ["b#0"]
+
+
+# --- the stage in a chain ----------------------------------------------------------------------
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        self.bodies.append(json.loads(request.content))
+        return httpx.Response(200, json=ANSWER)
+
+
+async def _chain(settings: RagSettings) -> tuple[Any, Backend, Metrics]:
+    backend = Backend()
+    client = BackendClient(
+        BackendSettings(urls=["http://a"]), HttpxTransport(httpx.MockTransport(backend.handle))
+    )
+    await client.check_health()
+    metrics = Metrics()
+    services = Services(
+        client,
+        metrics,
+        CacheServices(MemoryStore(), metrics),
+        Embedder(),
+        Tokenizer(client),
+    )
+    stage = RagStage("rag", settings, services)
+    return build_chain([(stage, 1.0)], forward, metrics), backend, metrics
+
+
+def _ctx(content: str, **options: Any) -> RequestContext:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    return RequestContext(
+        route="chat",
+        body=body,
+        raw=None,
+        request=ChatCompletionRequest.model_validate(body),
+        tenant="t",
+        backend=BackendClient(BackendSettings(urls=["http://unused"])),
+        options=RequestOptions(**options),
+    )
+
+
+@pytest.mark.asyncio
+async def test_attached_documents_reach_the_model_selected_and_cited() -> None:
+    chain, backend, metrics = await _chain(RagSettings(ratio=4))
+    ctx = _ctx(QUESTION, documents=DOCS, citations=True)
+    result = await _run(chain, ctx, backend)
+    sent = backend.bodies[-1]["messages"][-1]["content"]
+    assert sent.endswith(QUESTION)
+    assert "born in the town of Sarlenne" in sent and "Tessaro 3" not in sent
+    assert ctx.response_headers[HEADER].startswith("selected; chunks=")
+    assert "tokens_before=" in ctx.response_headers[HEADER]
+    cited_ids = ctx.response_headers[CITATIONS_HEADER].split(", ")
+    assert {"harbor#0", "brant#0"} <= set(cited_ids)
+    assert isinstance(result, JsonResult)
+    cited = result.json()["leangate"]["citations"]
+    assert [c["id"] for c in cited] == cited_ids
+    titles = {c["document"]: c["title"] for c in cited}
+    assert titles["harbor"] == "Quillon Lighthouse" and titles["brant"] == "Odile Brant"
+    assert 'leangate_rag_selections_total{outcome="selected",stage="rag"} 1.0' in (
+        metrics.render().decode()
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_marked_block_is_selected_in_place() -> None:
+    chain, backend, _ = await _chain(RagSettings(ratio=4))
+    block = "\n\n".join(f"## {d.metadata['title']}\n{d.text}" for d in DOCS)
+    ctx = _ctx(f"Read this.\n<context>\n{block}\n</context>\n{QUESTION}")
+    await _run(chain, ctx, backend)
+    sent = backend.bodies[-1]["messages"][-1]["content"]
+    assert sent.startswith("Read this.\n<context>\n[context#")
+    assert sent.endswith(f"</context>\n{QUESTION}")
+    assert "Sarlenne" in sent and "Tessaro 3" not in sent
+
+
+@pytest.mark.asyncio
+async def test_a_failing_selection_sends_the_given_documents_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("selection broke")
+
+    monkeypatch.setattr(rag, "select_evidence", broken)
+    chain, backend, metrics = await _chain(RagSettings(ratio=4))
+    ctx = _ctx(QUESTION, documents=DOCS)
+    await _run(chain, ctx, backend)
+    sent = backend.bodies[-1]["messages"][-1]["content"]
+    assert all(d.text.split(". ")[0] in sent for d in DOCS)
+    assert ctx.response_headers[HEADER].startswith("failed-open-error;")
+    assert 'leangate_stage_failed_open_total{reason="error",stage="rag"} 1.0' in (
+        metrics.render().decode()
+    )
+
+
+@pytest.mark.asyncio
+async def test_requests_without_context_pass_untouched() -> None:
+    chain, backend, _ = await _chain(RagSettings())
+    ctx = _ctx(QUESTION)
+    await _run(chain, ctx, backend)
+    assert backend.bodies[-1]["messages"][-1]["content"] == QUESTION
+    assert HEADER not in ctx.response_headers
+
+
+def test_attached_documents_are_part_of_the_cache_key() -> None:
+    plain = _ctx(QUESTION)
+    with_docs = _ctx(QUESTION, documents=DOCS[:1])
+    other_docs = _ctx(QUESTION, documents=DOCS[1:2])
+    cited = _ctx(QUESTION, documents=DOCS[:1], citations=True)
+    hashes = {exact_hash(c) for c in (plain, with_docs, other_docs, cited)}
+    assert len(hashes) == 4
+
+
+async def _run(chain: Any, ctx: RequestContext, backend: Backend) -> Any:
+    client = BackendClient(
+        BackendSettings(urls=["http://a"]), HttpxTransport(httpx.MockTransport(backend.handle))
+    )
+    await client.check_health()
+    ctx.backend = client
+    try:
+        return await chain(ctx)
+    finally:
+        await ctx.scope.aclose()
+        await client.aclose()
