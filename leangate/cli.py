@@ -1,4 +1,4 @@
-"""The ``leangate`` command: ``serve``, ``policy check`` and ``bench <name>``."""
+"""The ``leangate`` command: ``serve``, ``policy check``, ``corpus`` and ``bench <name>``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "bench":
         _bench(args.name, args.rest)
         return
-    handler = {"serve": _serve, "policy": _policy_check, "up": _up, "cache": _cache}[args.command]
+    handler = {
+        "serve": _serve,
+        "policy": _policy_check,
+        "up": _up,
+        "cache": _cache,
+        "corpus": _corpus,
+    }[args.command]
     sys.exit(handler(args))
 
 
@@ -60,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--redis-url", required=True)
     purge.add_argument("--tenant")
     purge.add_argument("--namespace")
+
+    corpus = commands.add_parser("corpus", help="named corpora on a running proxy")
+    from leangate import corpus_cli
+
+    corpus_cli.add_arguments(corpus)
 
     bench = commands.add_parser("bench", help="run a benchmark", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS))
@@ -145,6 +156,12 @@ def _cache(args: argparse.Namespace) -> int:
         return 2
     print(f"deleted {deleted} entries")
     return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from leangate import corpus_cli
+
+    return corpus_cli.run(args)
 
 
 def _bench(name: str, rest: Sequence[str]) -> None:

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     to the backend (``LEANGATE_TOKENIZER_DIRS='{"SmolLM2-135M-Instruct": "/models/smol"}'``)."""
     load_poll_s: float = Field(2.0, ge=0)
     """How often the backend profile reads the replicas' /metrics for their load."""
+    corpus_dir: Path | None = None
+    """Where the corpora's indexes (and, without Redis, their chunks) are kept; default
+    ``$LEANGATE_HOME/corpora`` (``~/.cache/leangate/corpora``)."""
 
     def backend_urls(self) -> list[str]:
         return [u.strip() for u in self.backend_url.split(",") if u.strip()]

@@ -35,6 +35,7 @@ from leangate.cache.services import CacheServices
 from leangate.cache.store import open_store
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
+from leangate.middleware.corpora_api import add_corpus_routes
 from leangate.middleware.errors import (
     ClientGone,
     InvalidRequest,
@@ -51,6 +52,7 @@ from leangate.middleware.policy import Policy, load_policy, uses_semantic_cache
 from leangate.middleware.protocol import Route
 from leangate.middleware.registry import needs_of
 from leangate.middleware.services import Services
+from leangate.retrieval.corpora import Corpora, CorpusSettings
 from leangate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,12 +116,15 @@ def create_app(
         await backend.start()
         if uses_semantic_cache(policy):
             await cache.start_semantic()
+        corpora = Corpora(_corpus_settings(settings), embedder, settings.redis_url)
+        await corpora.start()
         services = Services(
             backend=backend,
             metrics=metrics,
             cache=cache,
             embedder=embedder,
             tokenizer=Tokenizer(backend, settings.tokenizer_dirs),
+            corpora=corpora,
         )
         await services.prepare(needs_of(policy.stage_specs()))
         gateway = Gateway(services, policy)
@@ -136,6 +141,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
             await services.aclose()
+            await corpora.aclose()
             await cache.close()
             await backend.aclose()
 
@@ -151,8 +157,15 @@ def create_app(
     app.add_route("/health", _health, methods=["GET"])
     app.add_route("/metrics", _metrics, methods=["GET"])
     app.add_route("/admin/cache/purge", _purge, methods=["POST"])
+    add_corpus_routes(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     return LeanGateApp(app)
+
+
+def _corpus_settings(settings: Settings) -> CorpusSettings:
+    if settings.corpus_dir is None:
+        return CorpusSettings()
+    return CorpusSettings(root=settings.corpus_dir)
 
 
 def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | None:

@@ -19,6 +19,7 @@ from leangate.backend.tokenizer import Tokenizer
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
 from leangate.middleware.metrics import Metrics
+from leangate.retrieval.corpora import Corpora
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class Services:
     the routers; concurrent callers are batched."""
     tokenizer: Tokenizer
     """Token counts for the served models (exact, or a fast estimate for budgets)."""
+    corpora: Corpora | None = None
+    """The tenants' named corpora (``retrieval/corpora.py``), opened in the lifespan."""
 
     _calibration: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
