@@ -54,6 +54,15 @@ class Tokenizer:
         per_token = chars / tokens if tokens else DEFAULT_CHARS_PER_TOKEN
         return max(1, round(len(text) / per_token)) if text else 0
 
+    def estimate_many(self, model: str, texts: Sequence[str]) -> list[int]:
+        """``estimate`` of each text, in one batch (the local tokenizer encodes a batch in
+        parallel, several times faster than one call per text)."""
+        local = self._local_tokenizer(model)
+        if local is None:
+            return [self.estimate(model, text) for text in texts]
+        encoded = local.encode_batch(list(texts), add_special_tokens=False)
+        return [len(e.ids) for e in encoded]
+
     def estimate_messages(self, model: str, messages: Sequence[Mapping[str, Any]]) -> int:
         return sum(
             self.estimate(model, str(m.get("content") or "")) + MESSAGE_OVERHEAD_TOKENS

@@ -42,13 +42,16 @@ from typing import Any
 
 import httpx
 
+from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.localvllm import MODEL_NAME
+from leangate.backend.tokenizer import Tokenizer
 from leangate.retrieval.documents import Document
 from leangate.retrieval.evidence import Pool
 from leangate.retrieval.rag import (
     HEADER,
     EmbeddingMemory,
     RagSettings,
+    TokenCounts,
     dense_inputs,
     given_pieces,
     select_evidence,
@@ -121,13 +124,32 @@ def documents(record: hotpot.Record) -> list[Document]:
 
 
 def select(
-    record: hotpot.Record, count: Count, settings: RagSettings, dense: Any = None
-) -> tuple[str, int, int]:
-    """The context the stage sends for ``record``: text, tokens before and after."""
-    memo = functools.lru_cache(maxsize=4096)(count)
+    record: hotpot.Record, count: Count, settings: RagSettings
+) -> tuple[str, int, int, float]:
+    """The context the stage sends for ``record``: its text and tokens, the tokens of all
+    10 paragraphs as a full-context prompt carries them, and the stage's milliseconds
+    (chunking, token counts, selection)."""
+    started = time.perf_counter()
+    memo = _stage_counts(count)
     pool = Pool(given_pieces(documents(record), None, memo), memo)
-    evidence, _ = select_evidence(record.question, pool, settings, dense)
-    return evidence.text, pool.tokens, evidence.tokens
+    evidence, _ = select_evidence(record.question, pool, settings)
+    took = (time.perf_counter() - started) * 1000
+    return evidence.text, count(hotpot.document(record.paragraphs)), evidence.tokens, took
+
+
+def _stage_counts(count: Count) -> TokenCounts:
+    """The stage's own token counting (batched, remembered per request) with the served
+    model's tokenizer when its folder is here, else ``count``."""
+    tokenizer = _tokenizer()
+    return TokenCounts(count) if tokenizer is None else TokenCounts.of(tokenizer, MODEL)
+
+
+@functools.cache
+def _tokenizer() -> Tokenizer | None:
+    folder = tokens_counter()[1]
+    if folder is None:
+        return None
+    return Tokenizer(BackendClient(BackendSettings(urls=["http://unused"])), {MODEL: folder})
 
 
 # --- quality -----------------------------------------------------------------------------------
@@ -142,7 +164,7 @@ def quality(records: Sequence[hotpot.Record], count: Count) -> dict[str, object]
         kept = total = both = 0
         reductions = []
         for record in part:
-            text, before, after = select(record, count, RagSettings())
+            text, before, after, _ = select(record, count, RagSettings())
             kept += sum(s in text for s in record.supporting)
             total += len(record.supporting)
             both += _both_gold(record, text)
@@ -174,7 +196,7 @@ async def _latency(
     from leangate.cache.embedder import Embedder
 
     rounds = 2 if quick else 5
-    lexical = [_timed(lambda r=r: select(r, count, RagSettings())) for r in records * rounds]
+    lexical = [select(r, count, RagSettings())[3] for r in records * rounds]
     embedder = Embedder()
     await asyncio.to_thread(embedder.load)
     try:
@@ -194,18 +216,12 @@ async def _latency(
     }
 
 
-def _timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return (time.perf_counter() - started) * 1000
-
-
 async def _timed_dense(
     record: hotpot.Record, count: Count, settings: RagSettings, memory: EmbeddingMemory
 ) -> float:
     """The stage's dense path: chunk, count, embed (or recall) and select."""
     started = time.perf_counter()
-    memo = functools.lru_cache(maxsize=4096)(count)
+    memo = _stage_counts(count)
     pool = Pool(given_pieces(documents(record), None, memo), memo)
     indices, texts = dense_inputs(pool)
     vectors = await memory.embed(TENANT, [record.question, *texts])

@@ -11,7 +11,7 @@ names what its pronouns refer to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +52,11 @@ def chunk_document(
     metadata: Mapping[str, Any] | None = None,
     max_tokens: int = DEFAULT_CHUNK_TOKENS,
     count: Callable[[str], int] | None = None,
+    segments: Sequence[Segment] | None = None,
 ) -> list[Chunk]:
     """``text`` cut into chunks of whole sentences of at most ``max_tokens`` (a longer
-    sentence is a chunk of its own). ``count`` defaults to a rough 4 characters a token."""
+    sentence is a chunk of its own). ``count`` defaults to a rough 4 characters a token;
+    ``segments`` are ``segment(text)``'s, when the caller has them already."""
     metadata = dict(metadata or {})
     measure = count or _rough_tokens
     default_title = str(metadata.get("title", ""))
@@ -69,7 +71,7 @@ def chunk_document(
             chunks.append(_chunk(doc_id, len(chunks), title, text, run, metadata))
         run, run_tokens = [], 0
 
-    for seg in segment(text):
+    for seg in segment(text) if segments is None else segments:
         if seg.kind == "heading":
             flush()
             title = seg.text.lstrip("#").strip().rstrip(":").strip() or default_title

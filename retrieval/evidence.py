@@ -19,8 +19,10 @@ import numpy as np
 
 from .chunks import Chunk
 from .select import Candidate, Selector, SelectSettings
-from .text import segment
+from .text import Segment, SegmentKind
 
+SEPARATOR_TOKENS = 2
+"""The line breaks around a chunk's head, charged with the head."""
 Order = Literal["strongest-last", "strongest-first", "original"]
 
 
@@ -42,7 +44,7 @@ class Evidence:
     cited: list[Piece]
     """The chunks at least one chosen sentence came from, as written."""
     tokens: int
-    """Tokens of the chosen sentences."""
+    """Tokens of ``text``."""
 
 
 class Pool:
@@ -50,8 +52,11 @@ class Pool:
     (its first sentence usually says what it is about), even when it is cut into several
     chunks."""
 
-    def __init__(self, pieces: Sequence[Piece], count: Callable[[str], int]) -> None:
+    def __init__(
+        self, pieces: Sequence[Piece], count: Callable[[str], int], *, with_ids: bool = False
+    ) -> None:
         self.pieces = list(pieces)
+        self.count = count
         self.candidates: list[Candidate] = []
         self.owner: list[int] = []
         """Each candidate's piece."""
@@ -60,12 +65,18 @@ class Pool:
             chunk = piece.chunk
             key = (piece.source, chunk.doc_id, chunk.paragraph)
             section = sections.setdefault(key, len(sections))
-            for seg in segment(chunk.text):
-                self.candidates.append(Candidate(seg, section, chunk.title, count(seg.text)))
+            # the head is a heading candidate: selection charges it with the chunk's first
+            # chosen sentence, so the budget covers the context as written
+            segments = [_segment(_head(chunk, with_ids), "heading", 0)]
+            segments += [_segment(text, "sentence", n) for n, text in enumerate(chunk.sentences)]
+            for seg in segments:
+                tokens = count(seg.text) + (SEPARATOR_TOKENS if seg is segments[0] else 0)
+                self.candidates.append(Candidate(seg, section, chunk.title, tokens))
                 self.owner.append(number)
 
     @property
     def tokens(self) -> int:
+        """Tokens of the whole context, as written."""
         return sum(c.tokens for c in self.candidates)
 
     def selector(self, question: str, settings: SelectSettings) -> Selector:
@@ -92,20 +103,37 @@ class Pool:
 
 
 def write(pool: Pool, keep: set[int], scores: np.ndarray, order: Order) -> Evidence:
-    """The chosen sentences as a context block: one entry per chunk, headed by its id and
-    title."""
+    """The chosen sentences as a context block: one entry per chunk with a chosen
+    sentence, under its head (its title, or its id)."""
     chosen: dict[int, list[int]] = {}
+    heads: dict[int, str] = {}
     for i in sorted(keep):
-        chosen.setdefault(pool.owner[i], []).append(i)
-    sections = list(chosen)
+        candidate = pool.candidates[i]
+        if candidate.segment.kind == "heading":
+            heads[pool.owner[i]] = candidate.text
+        else:
+            chosen.setdefault(pool.owner[i], []).append(i)
+    pieces = list(chosen)
     if order != "original":
-        strength = {s: max(float(scores[i]) for i in chosen[s]) for s in sections}
-        sections.sort(key=lambda s: strength[s], reverse=order == "strongest-first")
+        strength = {p: max(float(scores[i]) for i in chosen[p]) for p in pieces}
+        pieces.sort(key=lambda p: strength[p], reverse=order == "strongest-first")
     entries = []
-    for s in sections:
-        piece = pool.pieces[s]
-        head = f"[{piece.chunk.id}]" + (f" {piece.chunk.title}" if piece.chunk.title else "")
-        body = " ".join(pool.candidates[i].text for i in chosen[s])
-        entries.append(f"{head}\n{body}")
-    tokens = sum(pool.candidates[i].tokens for i in keep)
-    return Evidence("\n\n".join(entries), [pool.pieces[s] for s in sections], tokens)
+    for p in pieces:
+        head = heads.get(p) or _head(pool.pieces[p].chunk, False)
+        entries.append(f"{head}\n" + " ".join(pool.candidates[i].text for i in chosen[p]))
+    text = "\n\n".join(entries)
+    return Evidence(text, [pool.pieces[p] for p in pieces], pool.count(text) if text else 0)
+
+
+def _segment(text: str, kind: SegmentKind, index: int) -> Segment:
+    """A chunk's sentence (or head) as a selection candidate's segment. Selection needs
+    no offsets here: the context is written from the candidates' texts."""
+    return Segment(0, 0, kind, 0, index, False, text)
+
+
+def _head(chunk: Chunk, with_id: bool) -> str:
+    """What names a chunk in the prompt: its title (it says what "it" and "she" are), its
+    id when it has none or when the model should cite ids."""
+    if with_id or not chunk.title:
+        return f"[{chunk.id}]" + (f" {chunk.title}" if chunk.title else "")
+    return f"## {chunk.title}"

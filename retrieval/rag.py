@@ -23,8 +23,8 @@ out. The event is counted in ``/metrics`` and named in the ``x-leangate-rag`` he
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import math
 import re
 import time
 import urllib.parse
@@ -46,8 +46,12 @@ from leangate.retrieval.documents import Document
 from .chunks import Chunk, chunk_document
 from .evidence import Evidence, Order, Piece, Pool, write
 from .select import SelectSettings, bridge_entities
+from .text import segment
 
 log = logging.getLogger(__name__)
+BUDGET_MARGIN = 0.02
+"""Token counts of sentences do not quite add up to the count of the text they make
+(merges across the joins): a ratio target aims this much lower so that it is met."""
 Dense = tuple[list[int], list[float]]
 
 HEADER = "x-leangate-rag"
@@ -81,6 +85,9 @@ class RagSettings(BaseModel):
     hops: int = Field(2, ge=1, le=2)
     """2: a second hop from the bridge entities of the best first-pass evidence."""
     order: Order = "strongest-last"
+    cite_in_prompt: bool = False
+    """Head each chunk in the prompt with its id (``[doc#3] Title``), for apps that ask the
+    model to cite; off: its title alone (fewer tokens)."""
     select_budget_ms: float = Field(400.0, gt=0)
     """Past this, the stage sends the attached context whole (fail-open)."""
     embedding_cache_entries: int = Field(20_000, ge=0)
@@ -115,14 +122,16 @@ class RagStage:
         if messages is None or not (documents or self.settings.corpora or _marked(messages)):
             return await call_next(ctx)
         started = time.perf_counter()
-        count = counter(self.services.tokenizer, ctx.model)
+        count = TokenCounts.of(self.services.tokenizer, ctx.model)
         question, block = _split(str(messages[-1].get("content") or ""))
         offered = 0
         try:
             async with asyncio.timeout(self.settings.select_budget_ms / 1000):
                 given = await asyncio.to_thread(given_pieces, documents, block, count)
                 found = await self._search(ctx, question) if self.settings.corpora else []
-                pool = await asyncio.to_thread(Pool, [*given, *found], count)
+                pool = await asyncio.to_thread(
+                    Pool, [*given, *found], count, with_ids=self.settings.cite_in_prompt
+                )
                 offered = pool.tokens
                 evidence, reason = await self._select(ctx, question, pool)
         except Exception as exc:
@@ -243,7 +252,7 @@ def select_evidence(
     sentences for ``question`` (``dense``: the embedder's similarities of some candidates
     to the question)."""
     before = pool.tokens
-    budget = settings.budget_tokens or round(before / settings.ratio)
+    budget = settings.budget_tokens or math.floor(before * (1 - BUDGET_MARGIN) / settings.ratio)
     if before <= budget or not pool.candidates:
         everything = write(pool, pool.everything(), np.zeros(len(pool.candidates)), "original")
         return everything, "within-budget"
@@ -286,20 +295,50 @@ def given_pieces(
     documents: Sequence[Document], block: str | None, count: Callable[[str], int]
 ) -> list[Piece]:
     """Chunks of the context the client gave: attached documents and the marked block."""
-    pieces = [
-        Piece(chunk, ATTACHED)
-        for doc in documents
-        for chunk in chunk_document(doc.id, doc.text, metadata=doc.metadata, count=count)
-    ]
+    texts = [(d.id, d.text, d.metadata) for d in documents]
     if block is not None:
-        pieces += [Piece(c, ATTACHED) for c in chunk_document("context", block, count=count)]
-    return pieces
+        texts.append(("context", block, {}))
+    segmented = [segment(text) for _, text, _ in texts]
+    if isinstance(count, TokenCounts):
+        count.prime([s.text for segments in segmented for s in segments])
+    return [
+        Piece(chunk, ATTACHED)
+        for (doc_id, text, metadata), segments in zip(texts, segmented, strict=True)
+        for chunk in chunk_document(doc_id, text, metadata=metadata, count=count, segments=segments)
+    ]
 
 
-def counter(tokenizer: Tokenizer, model: str) -> Callable[[str], int]:
-    """The served model's token count, remembered for the request (chunking and
-    selection count the same sentences)."""
-    return functools.lru_cache(maxsize=4096)(lambda text: tokenizer.estimate(model, text))
+class TokenCounts:
+    """The served model's token counts of a request's texts, each counted once, in
+    batches where the caller can say what is coming (chunking and selection count the
+    same sentences)."""
+
+    def __init__(
+        self,
+        count: Callable[[str], int],
+        count_many: Callable[[Sequence[str]], list[int]] | None = None,
+    ) -> None:
+        self._count = count
+        self._count_many = count_many
+        self._known: dict[str, int] = {}
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, model: str) -> TokenCounts:
+        return cls(
+            lambda text: tokenizer.estimate(model, text),
+            lambda texts: tokenizer.estimate_many(model, texts),
+        )
+
+    def prime(self, texts: Sequence[str]) -> None:
+        new = list(dict.fromkeys(t for t in texts if t not in self._known))
+        if new and self._count_many is not None:
+            self._known.update(zip(new, self._count_many(new), strict=True))
+
+    def __call__(self, text: str) -> int:
+        found = self._known.get(text)
+        if found is None:
+            found = self._known[text] = self._count(text)
+        return found
 
 
 def _with_context(last: str, evidence: Evidence, block: str | None) -> str:

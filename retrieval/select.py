@@ -158,9 +158,11 @@ class Selector:
             dtype=bool,
         )
         self.duplicate = self._duplicates()
-        self._sentence_index = _Index([words(f"{c.title} {c.text}") for c in self.candidates])
+        own = [words(c.text) for c in self.candidates]
+        titles = {title: words(title) for title in {c.title for c in self.candidates}}
+        self._sentence_index = _Index([titles[c.title] + own[i] for i, c in enumerate(candidates)])
         self._sections = sorted({c.section for c in self.candidates})
-        self._section_index = _Index([self._section_words(s) for s in self._sections])
+        self._section_index = _Index(self._section_words(own, titles))
         self._first_pass()
 
     # --- duplicates ---------------------------------------------------------------------------
@@ -168,20 +170,20 @@ class Selector:
     def _duplicates(self) -> np.ndarray:
         duplicate = np.zeros(len(self.candidates), dtype=bool)
         seen: set[str] = set()
+        shingles: dict[int, set[tuple[str, ...]]] = {}
         for i, c in enumerate(self.candidates):
-            if c.segment.kind != "sentence" or c.segment.hard:
+            if c.segment.kind != "sentence":
                 continue
-            key = " ".join(WORD.findall(c.text.lower()))
+            tokens = WORD.findall(c.text.lower())
+            shingles.setdefault(c.section, set()).update(
+                tuple(tokens[n : n + 3]) for n in range(max(len(tokens) - 2, 0))
+            )
+            if c.segment.hard:
+                continue
+            key = " ".join(tokens)
             if key in seen:
                 duplicate[i] = True
             seen.add(key)
-        shingles: dict[int, set[tuple[str, ...]]] = {}
-        for c in self.candidates:
-            if c.segment.kind == "sentence":
-                tokens = WORD.findall(c.text.lower())
-                shingles.setdefault(c.section, set()).update(
-                    tuple(tokens[i : i + 3]) for i in range(max(len(tokens) - 2, 0))
-                )
         repeated = _near_duplicate_sections(shingles, self.settings.near_duplicate)
         for i, c in enumerate(self.candidates):
             if c.section in repeated and not c.segment.hard:
@@ -192,10 +194,17 @@ class Selector:
 
     # --- scoring ------------------------------------------------------------------------------
 
-    def _section_words(self, section: int) -> list[str]:
-        members = [c for c in self.candidates if c.section == section]
-        title = members[0].title if members else ""
-        return words(" ".join([title, *(c.text for c in members if c.segment.kind != "heading")]))
+    def _section_words(
+        self, own: list[list[str]], titles: Mapping[str, list[str]]
+    ) -> list[list[str]]:
+        """Each section's words: its title's (its first member's), then its sentences'."""
+        by_section: dict[int, list[str]] = {}
+        for i, c in enumerate(self.candidates):
+            if c.section not in by_section:
+                by_section[c.section] = list(titles[c.title])
+            if c.segment.kind != "heading":
+                by_section[c.section].extend(own[i])
+        return [by_section[s] for s in self._sections]
 
     def _first_pass(self) -> None:
         s = self.settings

@@ -105,21 +105,28 @@ def test_selection_finds_the_bridge_within_the_budget() -> None:
     assert {"harbor", "brant"} <= {p.chunk.doc_id for p in evidence.cited}
 
 
-def test_strongest_evidence_goes_last_and_chunks_are_headed_by_their_ids() -> None:
+def test_strongest_evidence_goes_last_and_chunks_are_headed_by_their_titles() -> None:
     pool = Pool(given_pieces(DOCS, None, rough), rough)
     last, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4))
     first, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4, order="strongest-first"))
-    assert last.text.startswith("[") and "[harbor#0] Quillon Lighthouse\n" in last.text
+    assert last.text.startswith("## ") and "## Quillon Lighthouse\nThe Quillon" in last.text
     assert last.cited[-1].chunk.doc_id in ("harbor", "brant")
     assert first.cited[0].chunk.id == last.cited[-1].chunk.id
     assert {p.chunk.id for p in first.cited} == {p.chunk.id for p in last.cited}
+
+
+def test_ids_head_the_chunks_when_the_model_should_cite_them() -> None:
+    pool = Pool(given_pieces(DOCS, None, rough), rough, with_ids=True)
+    evidence, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4))
+    assert "[harbor#0] Quillon Lighthouse\nThe Quillon" in evidence.text
+    assert evidence.tokens <= round(pool.tokens / 4)
 
 
 def test_a_context_within_the_budget_is_sent_whole() -> None:
     pool = Pool(given_pieces(DOCS[:2], None, rough), rough)
     evidence, reason = select_evidence(QUESTION, pool, RagSettings(budget_tokens=10_000))
     assert reason == "within-budget"
-    assert evidence.tokens == pool.tokens
+    assert evidence.tokens <= pool.tokens
     assert all(sentence in evidence.text for d in DOCS[:2] for sentence in d.text.split(". "))
 
 
@@ -128,7 +135,7 @@ def test_corpus_priors_weigh_in() -> None:
     a = chunk_document("a", "Zeta pumps move water uphill.")[0]
     b = chunk_document("b", "Zeta pumps move water downhill.")[0]
     pool = Pool([Piece(a, "docs", prior=0.1), Piece(b, "docs", prior=0.9)], rough)
-    evidence, _ = select_evidence("zeta pumps water", pool, RagSettings(budget_tokens=9))
+    evidence, _ = select_evidence("zeta pumps water", pool, RagSettings(budget_tokens=14))
     assert [p.chunk.id for p in evidence.cited] == ["b#0"]
 
 
@@ -206,7 +213,7 @@ async def test_a_marked_block_is_selected_in_place() -> None:
     ctx = _ctx(f"Read this.\n<context>\n{block}\n</context>\n{QUESTION}")
     await _run(chain, ctx, backend)
     sent = backend.bodies[-1]["messages"][-1]["content"]
-    assert sent.startswith("Read this.\n<context>\n[context#")
+    assert sent.startswith("Read this.\n<context>\n## ")
     assert sent.endswith(f"</context>\n{QUESTION}")
     assert "Sarlenne" in sent and "Tessaro 3" not in sent
 
