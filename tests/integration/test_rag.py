@@ -22,7 +22,7 @@ rules:
       - use: rag
         settings: {ratio: 4}
 """
-FILLER = [
+FILLER: list[dict[str, Any]] = [
     {
         "id": f"market-{n}",
         "text": " ".join(
@@ -38,7 +38,7 @@ FILLER = [
     }
     for n in range(8)
 ]
-GOLD = {
+GOLD: dict[str, Any] = {
     "id": "lighthouse",
     "text": "The Quillon Lighthouse was painted green in 1931 by the keeper Ansel Moro.",
     "metadata": {"title": "Quillon Lighthouse"},
