@@ -196,7 +196,7 @@ async def _latency(
     from leangate.cache.embedder import Embedder
 
     rounds = 2 if quick else 5
-    lexical = [select(r, count, RagSettings())[3] for r in records * rounds]
+    lexical = [select(r, count, RagSettings())[3] for r in list(records) * rounds]
     embedder = Embedder()
     await asyncio.to_thread(embedder.load)
     try:

@@ -70,6 +70,7 @@ def encode_chunk(chunk: Chunk) -> bytes:
             "end": chunk.end,
             "sentences": list(chunk.sentences),
             "metadata": dict(chunk.metadata),
+            "paragraph": chunk.paragraph,
         }
     )
 

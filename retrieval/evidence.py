@@ -79,6 +79,13 @@ class Pool:
         """Tokens of the whole context, as written."""
         return sum(c.tokens for c in self.candidates)
 
+    def tokens_from(self, source: str) -> int:
+        return sum(
+            c.tokens
+            for i, c in enumerate(self.candidates)
+            if self.pieces[self.owner[i]].source == source
+        )
+
     def selector(self, question: str, settings: SelectSettings) -> Selector:
         selector = Selector(question, self.candidates, settings)
         priors = [

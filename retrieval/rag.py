@@ -41,6 +41,7 @@ from leangate.cache.embedder import Embedder
 from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
+from leangate.retrieval.corpora import Corpora, UnknownCorpus
 from leangate.retrieval.documents import Document
 
 from .chunks import Chunk, chunk_document
@@ -71,11 +72,13 @@ class RagSettings(BaseModel):
     neighbours: int = Field(1, ge=0, le=5)
     """Chunks on each side of a corpus hit that come along with it."""
     ratio: float = Field(4.0, ge=1.0, le=100.0)
-    """The context shrinks by this factor, unless ``budget_tokens`` is set."""
+    """The attached context shrinks by this factor ..."""
+    corpus_tokens: int = Field(600, ge=0)
+    """... and corpus evidence may add this many tokens ..."""
     budget_tokens: int | None = Field(None, ge=1)
-    """The context's budget in the served model's tokens (a context within it is sent
-    whole)."""
-    dense_weight: float = Field(0.5, ge=0)
+    """... unless the whole context has this budget (in the served model's tokens; a
+    context within it is sent whole)."""
+    dense_weight: float = Field(0.5, ge=0, le=1)
     """Weight of dense scores (corpus search, and attached documents with ``dense``)
     against lexical (BM25) ones."""
     dense: bool = False
@@ -154,45 +157,43 @@ class RagStage:
     # --- gathering ----------------------------------------------------------------------------
 
     async def _search(self, ctx: RequestContext, question: str) -> list[Piece]:
+        """Chunks of the policy's corpora for ``question``; a corpus this tenant does not
+        have is skipped (and counted)."""
         corpora = self.services.corpora
         if corpora is None:
             return []
-        s = self.settings
         vector = (await self.services.embedder.aembed([question]))[0]
-        hits: dict[str, Piece] = {}
-        for name in s.corpora:
+        pieces: list[Piece] = []
+        for name in self.settings.corpora:
             try:
-                first = await corpora.search(
-                    ctx.tenant, name, question, vector, s.top_k, dense_weight=s.dense_weight
-                )
-                found = list(first)
-                if s.hops > 1 and first:
-                    bridges = bridge_entities(first[0].chunk.text, question)
-                    if bridges:
-                        query = f"{question} {' '.join(sorted(bridges))}"
-                        hop_vector = (await self.services.embedder.aembed([query]))[0]
-                        found += await corpora.search(
-                            ctx.tenant,
-                            name,
-                            query,
-                            hop_vector,
-                            s.top_k,
-                            dense_weight=s.dense_weight,
-                        )
-            except LookupError:
+                pieces += await self._search_one(corpora, ctx.tenant, name, question, vector)
+            except UnknownCorpus:
                 self.services.metrics.rag_event(self.name, "unknown-corpus")
-                continue
-            for hit in found:
-                key = f"{name}\x00{hit.chunk.id}"
-                if key not in hits or (hits[key].prior or 0.0) < hit.score:
-                    hits[key] = Piece(hit.chunk, name, hit.score)
-            for piece in list(hits.values()):
-                if piece.source == name and s.neighbours and piece.prior is not None:
-                    for chunk in await corpora.neighbours(
-                        ctx.tenant, name, piece.chunk, s.neighbours
-                    ):
-                        hits.setdefault(f"{name}\x00{chunk.id}", Piece(chunk, name, 0.0))
-        return sorted(hits.values(), key=lambda p: (p.source, p.chunk.doc_id, p.chunk.position))
+        return pieces
+
+    async def _search_one(
+        self, corpora: Corpora, tenant: str, name: str, question: str, vector: np.ndarray
+    ) -> list[Piece]:
+        """The ``top_k`` hits for the question, ``top_k`` more for the bridge entities of
+        the best one (``hops`` 2), and their neighbours, in document order."""
+        s = self.settings
+        hits = await corpora.search(
+            tenant, name, question, vector, s.top_k, dense_weight=s.dense_weight
+        )
+        bridges = bridge_entities(hits[0].chunk.text, question) if hits and s.hops > 1 else set()
+        if bridges:
+            query = " ".join(sorted(bridges))
+            hop_vector = (await self.services.embedder.aembed([query]))[0]
+            seen = {h.chunk.id for h in hits}
+            more = await corpora.search(
+                tenant, name, query, hop_vector, s.top_k + len(seen), dense_weight=s.dense_weight
+            )
+            hits += [h for h in more if h.chunk.id not in seen][: s.top_k]
+        chosen = {h.chunk.id: Piece(h.chunk, name, h.score) for h in hits}
+        for hit in hits if s.neighbours else []:
+            for chunk in await corpora.neighbours(tenant, name, hit.chunk, s.neighbours):
+                chosen.setdefault(chunk.id, Piece(chunk, name, 0.0))
+        return sorted(chosen.values(), key=lambda p: (p.chunk.doc_id, p.chunk.position))
 
     # --- selecting ----------------------------------------------------------------------------
 
@@ -252,7 +253,10 @@ def select_evidence(
     sentences for ``question`` (``dense``: the embedder's similarities of some candidates
     to the question)."""
     before = pool.tokens
-    budget = settings.budget_tokens or math.floor(before * (1 - BUDGET_MARGIN) / settings.ratio)
+    given = pool.tokens_from(ATTACHED)
+    budget = settings.budget_tokens or math.floor(
+        given * (1 - BUDGET_MARGIN) / settings.ratio + min(before - given, settings.corpus_tokens)
+    )
     if before <= budget or not pool.candidates:
         everything = write(pool, pool.everything(), np.zeros(len(pool.candidates)), "original")
         return everything, "within-budget"

@@ -3,6 +3,7 @@ result cache keyed by the documents, and bad input."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -117,3 +118,67 @@ def test_bad_documents_are_a_clear_400(rag_proxy: ProxyThread, documents: Any, n
     assert error["type"] == "invalid_request_error"
     assert needle in error["message"]
     assert httpx.get(f"{rag_proxy.url}/health", timeout=10).status_code == 200
+
+
+BRIDGE_DOCS = [
+    {
+        "id": "lighthouse",
+        "text": "The Quillon Lighthouse stands on Varell Island. It was designed by the "
+        "engineer Odile Brant in 1884.",
+        "metadata": {"title": "Quillon Lighthouse"},
+    },
+    {
+        "id": "brant",
+        "text": "Odile Brant was a French civil engineer. She was born in Sarlenne in 1849.",
+        "metadata": {"title": "Odile Brant"},
+    },
+    *FILLER,
+]
+CORPUS_POLICY = """
+tenants:
+  reader-{run}: {{api_keys: [sk-reader-{run}]}}
+  other-{run}: {{api_keys: [sk-other-{run}]}}
+rules:
+  - name: rag
+    stages:
+      - use: rag
+        settings: {{corpora: [kb], top_k: 1, neighbours: 0, hops: 2}}
+"""
+
+
+def test_a_corpus_answers_with_a_second_hop_and_stays_its_tenants(
+    vllm_url: str, redis_url: str, tmp_path: Any
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    policy = write_policy(tmp_path, CORPUS_POLICY.format(run=run))
+    settings = proxy_settings(
+        vllm_url, policy=policy, redis_url=redis_url, corpus_dir=tmp_path / "corpora"
+    )
+    reader = {"authorization": f"Bearer sk-reader-{run}"}
+    other = {"authorization": f"Bearer sk-other-{run}"}
+    question = "In which town was the designer of the Quillon Lighthouse born?"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 4}
+    with ProxyThread(settings) as proxy:
+        added = httpx.post(
+            f"{proxy.url}/v1/corpora/kb/documents",
+            json={"documents": BRIDGE_DOCS},
+            headers=reader,
+            timeout=120,
+        )
+        assert added.status_code == 200, added.text
+        try:
+            mine = httpx.post(
+                f"{proxy.url}/v1/chat/completions", json=body, headers=reader, timeout=300
+            )
+            theirs = httpx.post(
+                f"{proxy.url}/v1/chat/completions", json=body, headers=other, timeout=300
+            )
+        finally:
+            httpx.request(
+                "DELETE", f"{proxy.url}/v1/corpora/kb", headers=reader, timeout=60
+            ).raise_for_status()
+    mine.raise_for_status()
+    theirs.raise_for_status()
+    # top_k 1: the lighthouse alone by the question; the engineer by the second hop
+    assert set(mine.headers[CITATIONS_HEADER].split(", ")) == {"lighthouse#0", "brant#0"}
+    assert theirs.headers[CITATIONS_HEADER] == ""  # the other tenant has no corpus "kb"
