@@ -45,15 +45,18 @@ import httpx
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.localvllm import MODEL_NAME
 from leangate.backend.tokenizer import Tokenizer
+from leangate.retrieval.corpora import Corpora, CorpusSettings
 from leangate.retrieval.documents import Document
 from leangate.retrieval.evidence import Pool
 from leangate.retrieval.rag import (
     HEADER,
     EmbeddingMemory,
+    Query,
     RagSettings,
     TokenCounts,
     dense_inputs,
     given_pieces,
+    search_corpus,
     select_evidence,
 )
 
@@ -106,6 +109,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         result.update(quality(records, count))
     if "latency" in parts and records:
         result.update(asyncio.run(_latency(records, count, quick=args.quick)))
+    if "corpus" in parts and records:
+        result.update(asyncio.run(corpus_quality(records, count)))
     if "corpus" in parts:
         result.update(_corpus(args))
     if "e2e" in parts and records:
@@ -231,6 +236,50 @@ async def _timed_dense(
 
 
 # --- corpus ------------------------------------------------------------------------------------
+
+
+async def corpus_quality(records: Sequence[hotpot.Record], count: Count) -> dict[str, object]:
+    """Every record's paragraphs in one corpus (``corpus_paragraphs``, deduplicated by
+    title); each question searched there by the stage's own corpus search and selection
+    at its default settings. A harder task than attached documents: the distractors of
+    all 20 questions compete."""
+    from leangate.cache.embedder import Embedder
+
+    embedder = Embedder()
+    await asyncio.to_thread(embedder.load)
+    with tempfile.TemporaryDirectory() as folder:
+        corpora = Corpora(CorpusSettings(root=Path(folder)), embedder, None)
+        await corpora.start()
+        try:
+            titles = {title: sents for r in records for title, sents in r.paragraphs}
+            docs = [
+                Document(id=f"t{n}", text=" ".join(s.strip() for s in sents), metadata={"title": t})
+                for n, (t, sents) in enumerate(titles.items())
+            ]
+            await corpora.add(TENANT, "hotpot", docs)
+            settings = RagSettings(corpora=["hotpot"])
+            rows = []
+            for record in records:
+                vector = (await embedder.aembed([record.question]))[0]
+                query = Query(TENANT, "hotpot", record.question, vector)
+                pieces = await search_corpus(corpora, embedder, query, settings)
+                counts = _stage_counts(count)
+                evidence, _ = select_evidence(record.question, Pool(pieces, counts), settings)
+                rows.append((record, evidence))
+        finally:
+            await corpora.aclose()
+            embedder.close()
+    out: dict[str, object] = {"corpus_paragraphs": len(docs)}
+    for name, tune in (("tune", True), ("holdout", False)):
+        part = [(r, e) for r, e in rows if r.tune == tune]
+        kept = sum(s in e.text for r, e in part for s in r.supporting)
+        total = sum(len(r.supporting) for r, _ in part)
+        out[f"corpus_supporting_fact_recall_{name}"] = rounded(kept / total, 3) if total else None
+        out[f"corpus_both_gold_recall_{name}"] = (
+            rounded(sum(_both_gold(r, e.text) for r, e in part) / len(part), 3) if part else None
+        )
+    out["corpus_context_tokens_median"] = statistics.median(e.tokens for _, e in rows)
+    return out
 
 
 def _corpus(args: argparse.Namespace) -> dict[str, object]:

@@ -29,6 +29,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -166,34 +167,15 @@ class RagStage:
         pieces: list[Piece] = []
         for name in self.settings.corpora:
             try:
-                pieces += await self._search_one(corpora, ctx.tenant, name, question, vector)
+                pieces += await search_corpus(
+                    corpora,
+                    self.services.embedder,
+                    Query(ctx.tenant, name, question, vector),
+                    self.settings,
+                )
             except UnknownCorpus:
                 self.services.metrics.rag_event(self.name, "unknown-corpus")
         return pieces
-
-    async def _search_one(
-        self, corpora: Corpora, tenant: str, name: str, question: str, vector: np.ndarray
-    ) -> list[Piece]:
-        """The ``top_k`` hits for the question, ``top_k`` more for the bridge entities of
-        the best one (``hops`` 2), and their neighbours, in document order."""
-        s = self.settings
-        hits = await corpora.search(
-            tenant, name, question, vector, s.top_k, dense_weight=s.dense_weight
-        )
-        bridges = bridge_entities(hits[0].chunk.text, question) if hits and s.hops > 1 else set()
-        if bridges:
-            query = " ".join(sorted(bridges))
-            hop_vector = (await self.services.embedder.aembed([query]))[0]
-            seen = {h.chunk.id for h in hits}
-            more = await corpora.search(
-                tenant, name, query, hop_vector, s.top_k + len(seen), dense_weight=s.dense_weight
-            )
-            hits += [h for h in more if h.chunk.id not in seen][: s.top_k]
-        chosen = {h.chunk.id: Piece(h.chunk, name, h.score) for h in hits}
-        for hit in hits if s.neighbours else []:
-            for chunk in await corpora.neighbours(tenant, name, hit.chunk, s.neighbours):
-                chosen.setdefault(chunk.id, Piece(chunk, name, 0.0))
-        return sorted(chosen.values(), key=lambda p: (p.chunk.doc_id, p.chunk.position))
 
     # --- selecting ----------------------------------------------------------------------------
 
@@ -219,6 +201,50 @@ class RagStage:
             urllib.parse.quote(p.chunk.id, safe="#-_.~/:") for p in evidence.cited
         )
         self.services.metrics.rag_done(self.name, reason, before, evidence.tokens, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    tenant: str
+    corpus: str
+    question: str
+    vector: np.ndarray
+    """The question's embedding."""
+
+
+async def search_corpus(
+    corpora: Corpora, embedder: Embedder, query: Query, settings: RagSettings
+) -> list[Piece]:
+    """The ``top_k`` hits for the question, ``top_k`` more for the bridge entities of the
+    best one (``hops`` 2), and their neighbours, in document order."""
+    s = settings
+    hits = await corpora.search(
+        query.tenant,
+        query.corpus,
+        query.question,
+        query.vector,
+        s.top_k,
+        dense_weight=s.dense_weight,
+    )
+    bridges = bridge_entities(hits[0].chunk.text, query.question) if hits and s.hops > 1 else set()
+    if bridges:
+        entities = " ".join(sorted(bridges))
+        vector = (await embedder.aembed([entities]))[0]
+        seen = {h.chunk.id for h in hits}
+        more = await corpora.search(
+            query.tenant,
+            query.corpus,
+            entities,
+            vector,
+            s.top_k + len(seen),
+            dense_weight=s.dense_weight,
+        )
+        hits += [h for h in more if h.chunk.id not in seen][: s.top_k]
+    chosen = {h.chunk.id: Piece(h.chunk, query.corpus, h.score) for h in hits}
+    for hit in hits if s.neighbours else []:
+        for chunk in await corpora.neighbours(query.tenant, query.corpus, hit.chunk, s.neighbours):
+            chosen.setdefault(chunk.id, Piece(chunk, query.corpus, 0.0))
+    return sorted(chosen.values(), key=lambda p: (p.chunk.doc_id, p.chunk.position))
 
 
 class EmbeddingMemory:
