@@ -33,6 +33,12 @@ class Tokenizer:
         self._local: dict[str, Any] = {}
         self._ratio: dict[str, tuple[int, int]] = {}  # model -> (chars, tokens) seen
 
+    def load_local(self) -> None:
+        """Read every configured local tokenizer now (a few hundred ms each), rather than
+        inside the first request that counts tokens."""
+        for model in self._dirs:
+            self._local_tokenizer(model)
+
     def _local_tokenizer(self, model: str) -> Any | None:
         if model in self._local:
             return self._local[model]

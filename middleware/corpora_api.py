@@ -27,7 +27,7 @@ from leangate.middleware.errors import (
     describe_validation_error,
     error_response,
 )
-from leangate.middleware.gateway import Gateway, _bearer
+from leangate.middleware.gateway import Gateway
 from leangate.retrieval.corpora import Corpora, DuplicateDocument, UnknownCorpus
 from leangate.retrieval.documents import MAX_ID_CHARS, Document
 from leangate.settings import Settings
@@ -160,7 +160,7 @@ async def _handle(request: Request, run: _Route) -> Response:
     try:
         if corpora is None:
             raise Unavailable("corpora are not available on this proxy")
-        tenant = gateway.book.policy.tenant_for_key(_bearer(request.headers))
+        tenant = gateway.tenant_of(request.headers)
         if tenant is None:
             raise Unauthorized("a valid API key is required")
         return await run(corpora, tenant)

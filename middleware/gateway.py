@@ -58,6 +58,10 @@ class Gateway:
             await ctx.scope.aclose()
             raise
 
+    def tenant_of(self, headers: Mapping[str, str]) -> str | None:
+        """The tenant of the request's API key (None: refused by the policy)."""
+        return self.book.policy.tenant_for_key(_bearer(headers))
+
     def prepare(self, route: Route, body: bytes, headers: Mapping[str, str]) -> RequestContext:
         data = _parse_object(body)
         raw: bytes | None = body
@@ -69,7 +73,7 @@ class Gateway:
             request = REQUEST_MODELS[route].model_validate(data)
         except ValidationError as exc:
             raise InvalidRequest(describe_validation_error(exc)) from None
-        tenant = self.book.policy.tenant_for_key(_bearer(headers))
+        tenant = self.tenant_of(headers)
         if tenant is None:
             raise Unauthorized("a valid API key is required")
         if self.backend.ready and not self.backend.serves(request.model):

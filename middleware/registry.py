@@ -61,7 +61,7 @@ class StageClass(Protocol):
     Settings: type[BaseModel]
     default_budget_ms: float | None
     # Optionally ``needs: ClassVar[frozenset[str]]``: shared services to open before the
-    # first request ("embedder", "profile"); see ``Services.prepare``.
+    # first request ("embedder", "profile", "tokenizer"); see ``Services.prepare``.
 
     def __call__(self, name: str, settings: Any, services: Services) -> Stage: ...
 

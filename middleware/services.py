@@ -54,6 +54,8 @@ class Services:
         wanted = set(needs)
         if "embedder" in wanted and not self.embedder.loaded:
             await asyncio.to_thread(self.embedder.load)
+        if "tokenizer" in wanted:
+            await asyncio.to_thread(self.tokenizer.load_local)
         if "profile" in wanted and self._calibration is None and not self.profile.calibrated:
             self._calibration = asyncio.create_task(self._calibrate(), name="profile-calibration")
 

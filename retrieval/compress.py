@@ -109,8 +109,9 @@ class CompressStage:
 
     @classmethod
     def needs_for(cls, settings: CompressSettings) -> frozenset[str]:
-        """The profile for the cost check; the embedder only with dense scores on."""
-        needs = {"profile"} if settings.mode == "auto" else set()
+        """The tokenizer; the profile for the cost check; the embedder only with dense
+        scores on."""
+        needs = {"tokenizer", "profile"} if settings.mode == "auto" else {"tokenizer"}
         if settings.dense:
             needs.add("embedder")
         return frozenset(needs)

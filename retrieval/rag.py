@@ -112,7 +112,10 @@ class RagStage:
 
     @classmethod
     def needs_for(cls, settings: RagSettings) -> frozenset[str]:
-        return frozenset({"embedder"}) if settings.corpora or settings.dense else frozenset()
+        needs = {"tokenizer"}
+        if settings.corpora or settings.dense:
+            needs.add("embedder")
+        return frozenset(needs)
 
     def __init__(self, name: str, settings: RagSettings, services: Services) -> None:
         self.name = name
