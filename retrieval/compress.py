@@ -31,12 +31,12 @@ from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 
+from .payoff import OwnCost, predicted_saving
 from .prompt import Plan, budget, part_key, plan, rebuild, segments_by_part
 from .select import Selection, Selector, SelectSettings
 
 HEADER = "x-leangate-compress"
 KEPT_KIND = "compress-kept"
-EWMA_WEIGHT = 0.2
 DEFAULT_ANSWER_TOKENS = 16
 
 
@@ -121,8 +121,7 @@ class CompressStage:
         self.settings = settings
         self.services = services
         self.memory = IntermediateCache(services.cache)
-        self.ms_per_1k = settings.prior_ms_per_1k
-        """Average measured compressor time per 1,000 prompt tokens (EWMA)."""
+        self.cost = OwnCost(settings.prior_ms_per_1k)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         messages = _messages(ctx)
@@ -172,20 +171,17 @@ class CompressStage:
             return Decision(False, "at-target", before)
         if s.mode == "always":
             return Decision(True, "policy-always", before)
-        cost_s = self.ms_per_1k * before / 1e6
-        saved_s, calibrated = self.predicted_saving(ctx, before, after)
+        cost_s = self.cost.predict_s(before)
+        saved_s, calibrated = predicted_saving(
+            self.services.profile,
+            ctx.answer_cap(DEFAULT_ANSWER_TOKENS),
+            before,
+            after,
+            s.uncalibrated_prefill_tps,
+        )
         if saved_s < s.min_payoff * cost_s:
             return Decision(False, "no-gain" if calibrated else "no-gain-uncalibrated", before)
         return Decision(True, "pays" if calibrated else "pays-uncalibrated", before)
-
-    def predicted_saving(self, ctx: RequestContext, before: int, after: int) -> tuple[float, bool]:
-        """Seconds saved by sending ``after`` instead of ``before`` prompt tokens, and
-        whether the backend profile said so (else the conservative fallback)."""
-        profile = self.services.profile
-        if not profile.calibrated:
-            return (before - after) / self.settings.uncalibrated_prefill_tps, False
-        answer = ctx.answer_cap(DEFAULT_ANSWER_TOKENS)
-        return profile.predict(before, answer) - profile.predict(after, answer), True
 
     def _target(self) -> dict[str, Any]:
         return {"ratio": self.settings.ratio, "target_tokens": self.settings.target_tokens}
@@ -216,7 +212,7 @@ class CompressStage:
         compressed = rebuild(messages, found, keep, earlier)
         after = self.services.tokenizer.estimate_messages(ctx.model, compressed)
         seconds = time.perf_counter() - started
-        self._measured(seconds, before)
+        self.cost.measured(seconds, before)
         return Outcome(compressed, before, after, "+".join(method), seconds)
 
     async def _earlier(
@@ -284,11 +280,6 @@ class CompressStage:
         if self.settings.select.hop_sources:
             selector.second_hop()
         return selector.choose(budget(found, before, **self._target()))
-
-    def _measured(self, seconds: float, tokens: int) -> None:
-        if tokens > 0:
-            sample = seconds * 1e6 / tokens
-            self.ms_per_1k += EWMA_WEIGHT * (sample - self.ms_per_1k)
 
 
 def _context_length(ctx: RequestContext) -> float:

@@ -93,8 +93,11 @@ def _metric(metrics: Metrics, name: str, **labels: str) -> float:
 
 def test_the_stage_is_registered() -> None:
     assert stage_class("compress") is CompressStage
-    assert CompressStage.needs_for(CompressSettings()) == {"profile"}
-    assert CompressStage.needs_for(CompressSettings(dense=True, mode="always")) == {"embedder"}
+    assert CompressStage.needs_for(CompressSettings()) == {"profile", "tokenizer"}
+    assert CompressStage.needs_for(CompressSettings(dense=True, mode="always")) == {
+        "embedder",
+        "tokenizer",
+    }
     with pytest.raises(ValueError):
         CompressSettings.model_validate({"ratio": 4, "unknown": 1})
 
@@ -115,7 +118,7 @@ async def test_a_long_prompt_is_compressed_and_reported() -> None:
     assert 2.7 <= int(fields["tokens_before"]) / int(fields["tokens_after"]) <= 3.3
     assert _metric(metrics, "leangate_compress_tokens_total", stage="compress", kind="before") > 0
     assert _metric(metrics, "leangate_compress_seconds_count", stage="compress") == 1
-    assert stage.ms_per_1k != CompressSettings().prior_ms_per_1k, "its own time is measured"
+    assert stage.cost.ms_per_1k != CompressSettings().prior_ms_per_1k, "its own time is measured"
 
 
 @pytest.mark.parametrize(

@@ -266,3 +266,27 @@ async def _run(chain: Any, ctx: RequestContext, backend: Backend) -> Any:
     finally:
         await ctx.scope.aclose()
         await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_selection_that_would_not_pay_sends_the_context_whole() -> None:
+    """Until the profile is calibrated, a 20-second selection per 1,000 tokens cannot pay
+    for the prefill of a few hundred tokens: the documents go whole."""
+    chain, backend, _ = await _chain(RagSettings(ratio=4, prior_ms_per_1k=20_000))
+    ctx = _ctx(QUESTION, documents=DOCS)
+    await _run(chain, ctx, backend)
+    sent = backend.bodies[-1]["messages"][-1]["content"]
+    assert all(d.text.split(". ")[0] in sent for d in DOCS)
+    assert ctx.response_headers[HEADER].startswith("no-gain-uncalibrated;")
+    forced, backend, _ = await _chain(RagSettings(ratio=4, prior_ms_per_1k=20_000, mode="always"))
+    ctx = _ctx(QUESTION, documents=DOCS)
+    await _run(forced, ctx, backend)
+    assert ctx.response_headers[HEADER].startswith("selected;")
+
+
+def test_the_stage_needs_the_tokenizer_and_for_auto_the_profile() -> None:
+    assert RagStage.needs_for(RagSettings()) == {"tokenizer", "profile"}
+    assert RagStage.needs_for(RagSettings(mode="always", corpora=["kb"])) == {
+        "tokenizer",
+        "embedder",
+    }
