@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import bm25s
@@ -65,6 +65,9 @@ class SelectSettings(BaseModel):
     hop_weight: float = Field(0.6, ge=0)
     bridge_bonus: float = Field(2.0, ge=0)
     """A section whose title a bridge entity names."""
+    mmr: float = Field(0.0, ge=0)
+    """Maximal marginal relevance: the weight of a candidate's word overlap with what was
+    already kept, against its score (0: pure score order)."""
     near_duplicate: float = Field(0.7, gt=0, le=1)
     """Word-trigram Jaccard at which a section counts as a repeat of an earlier one."""
 
@@ -299,7 +302,7 @@ class Selector:
             if c.segment.hard:
                 keep.add(i)
                 used += c.tokens
-        for i in self._ranked():
+        for i in self._order(keep):
             heading = headings.get(self.candidates[i].section)
             extra = (
                 self.candidates[heading].tokens
@@ -319,6 +322,31 @@ class Selector:
                 keep.add(heading)
                 used += self.candidates[heading].tokens
         return Selection(keep, used, int(self.duplicate.sum()), list(self.method))
+
+    def _order(self, keep: set[int]) -> Iterator[int]:
+        """The ranked candidates; with ``mmr``, each next one is the best after a penalty
+        for its word overlap (Jaccard) with the most similar one kept so far: maximal
+        marginal relevance, against context that says the same thing twice. ``keep`` is
+        the caller's, read as it grows."""
+        ranked = self._ranked()
+        weight = self.settings.mmr
+        if not weight or not ranked:
+            yield from ranked
+            return
+        bags = {i: set(words(self.candidates[i].text)) for i in ranked}
+        top = max(float(self.scores[ranked[0]]), 1e-9)
+        overlap = dict.fromkeys(ranked, 0.0)
+        counted: set[int] = set()
+        remaining = list(ranked)
+        while remaining:
+            for kept in keep - counted:
+                if kept in bags:
+                    for i in remaining:
+                        overlap[i] = max(overlap[i], _jaccard(bags[i], bags[kept]))
+            counted |= keep
+            best = max(remaining, key=lambda i: self.scores[i] / top - weight * overlap[i])
+            remaining.remove(best)
+            yield best
 
     def _headings(self) -> dict[int, int]:
         """Each section's heading (the last one, when several open it)."""
@@ -341,6 +369,10 @@ class _Index:
         if self.model is None or not known:
             return np.zeros(self.size, dtype=np.float64)
         return np.asarray(self.model.get_scores(known), dtype=np.float64)
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a and b else 0.0
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:

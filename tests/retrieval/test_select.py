@@ -193,3 +193,19 @@ def test_a_text_seen_before_reads_as_it_did_then_and_adds_what_is_new() -> None:
     assert again.endswith(f"Question: {other}")
     fresh = str(rebuild(messages, found, keep)[0]["content"])
     assert not fresh.startswith(document_part), "without the memory the prefix would differ"
+
+
+def test_mmr_prefers_a_new_fact_to_a_restatement() -> None:
+    text = (
+        "The Varell ferry leaves the harbour at noon every day.\n\n"
+        "Every day at noon the Varell ferry leaves the harbour.\n\n"
+        "Tickets for the Varell ferry are sold at the harbour kiosk."
+    )
+    candidates = candidates_of(segment(text), _count)
+    question = "When does the Varell ferry leave the harbour?"
+    budget = sum(sorted(c.tokens for c in candidates)[-2:])
+    plain = Selector(question, candidates, SelectSettings(near_duplicate=1.0)).choose(budget)
+    diverse = Selector(question, candidates, SelectSettings(near_duplicate=1.0, mmr=1.0))
+    chosen = diverse.choose(budget)
+    assert plain.keep == {0, 1}, "by score alone, both restatements"
+    assert 2 in chosen.keep and len(chosen.keep) == 2
