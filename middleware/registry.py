@@ -35,6 +35,7 @@ BUILTIN: dict[str, str] = {
     "cache": "leangate.cache.stage:CacheStage",
     "sot": "leangate.planners.sot:SotStage",
     "compress": "leangate.retrieval.compress:CompressStage",
+    "rag": "leangate.retrieval.rag:RagStage",
     "decompose": "leangate.planners.decompose:DecomposeStage",
 }
 
