@@ -57,6 +57,7 @@ class Pool:
     ) -> None:
         self.pieces = list(pieces)
         self.count = count
+        self.with_ids = with_ids
         self.candidates: list[Candidate] = []
         self.owner: list[int] = []
         """Each candidate's piece."""
@@ -67,7 +68,7 @@ class Pool:
             section = sections.setdefault(key, len(sections))
             # the head is a heading candidate: selection charges it with the chunk's first
             # chosen sentence, so the budget covers the context as written
-            segments = [_segment(_head(chunk, with_ids), "heading", 0)]
+            segments = [_segment(_head([chunk], with_ids), "heading", 0)]
             segments += [_segment(text, "sentence", n) for n, text in enumerate(chunk.sentences)]
             for seg in segments:
                 tokens = count(seg.text) + (SEPARATOR_TOKENS if seg is segments[0] else 0)
@@ -110,26 +111,26 @@ class Pool:
 
 
 def write(pool: Pool, keep: set[int], scores: np.ndarray, order: Order) -> Evidence:
-    """The chosen sentences as a context block: one entry per chunk with a chosen
-    sentence, under its head (its title, or its id)."""
-    chosen: dict[int, list[int]] = {}
-    heads: dict[int, str] = {}
+    """The chosen sentences as a context block: one entry per paragraph with a chosen
+    sentence (a paragraph cut into several chunks is written once), under its head."""
+    by_section: dict[int, list[int]] = {}
     for i in sorted(keep):
-        candidate = pool.candidates[i]
-        if candidate.segment.kind == "heading":
-            heads[pool.owner[i]] = candidate.text
-        else:
-            chosen.setdefault(pool.owner[i], []).append(i)
-    pieces = list(chosen)
+        if pool.candidates[i].segment.kind != "heading":
+            by_section.setdefault(pool.candidates[i].section, []).append(i)
+    sections = list(by_section)
     if order != "original":
-        strength = {p: max(float(scores[i]) for i in chosen[p]) for p in pieces}
-        pieces.sort(key=lambda p: strength[p], reverse=order == "strongest-first")
+        strength = {s: max(float(scores[i]) for i in by_section[s]) for s in sections}
+        sections.sort(key=lambda s: strength[s], reverse=order == "strongest-first")
     entries = []
-    for p in pieces:
-        head = heads.get(p) or _head(pool.pieces[p].chunk, False)
-        entries.append(f"{head}\n" + " ".join(pool.candidates[i].text for i in chosen[p]))
+    cited: list[int] = []
+    for section in sections:
+        members = by_section[section]
+        owners = list(dict.fromkeys(pool.owner[i] for i in members))
+        cited += owners
+        head = _head([pool.pieces[o].chunk for o in owners], pool.with_ids)
+        entries.append(f"{head}\n" + " ".join(pool.candidates[i].text for i in members))
     text = "\n\n".join(entries)
-    return Evidence(text, [pool.pieces[p] for p in pieces], pool.count(text) if text else 0)
+    return Evidence(text, [pool.pieces[o] for o in cited], pool.count(text) if text else 0)
 
 
 def _segment(text: str, kind: SegmentKind, index: int) -> Segment:
@@ -138,9 +139,11 @@ def _segment(text: str, kind: SegmentKind, index: int) -> Segment:
     return Segment(0, 0, kind, 0, index, False, text)
 
 
-def _head(chunk: Chunk, with_id: bool) -> str:
-    """What names a chunk in the prompt: its title (it says what "it" and "she" are), its
-    id when it has none or when the model should cite ids."""
-    if with_id or not chunk.title:
-        return f"[{chunk.id}]" + (f" {chunk.title}" if chunk.title else "")
-    return f"## {chunk.title}"
+def _head(chunks: Sequence[Chunk], with_ids: bool) -> str:
+    """What names a paragraph's chunks in the prompt: their title (it says what "it" and
+    "she" are), their ids when there is no title or when the model should cite ids."""
+    title = chunks[0].title
+    if with_ids or not title:
+        ids = ", ".join(c.id for c in chunks)
+        return f"[{ids}]" + (f" {title}" if title else "")
+    return f"## {title}"

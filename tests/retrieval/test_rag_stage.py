@@ -290,3 +290,14 @@ def test_the_stage_needs_the_tokenizer_and_for_auto_the_profile() -> None:
         "tokenizer",
         "embedder",
     }
+
+
+def test_a_paragraph_cut_into_chunks_is_written_once_under_one_head() -> None:
+    text = " ".join(f"The Varell ferry stop number {n} has a bench." for n in range(80))
+    doc = Document(id="stops", text=text, metadata={"title": "Ferry stops"})
+    pool = Pool(given_pieces([doc], None, rough), rough, with_ids=True)
+    assert len({p.chunk.id for p in pool.pieces}) > 1, "the paragraph makes several chunks"
+    evidence, _ = select_evidence("Varell ferry bench", pool, RagSettings(budget_tokens=10_000))
+    ids = ", ".join(p.chunk.id for p in pool.pieces)
+    assert evidence.text.startswith(f"[{ids}] Ferry stops\nThe Varell ferry stop number 0")
+    assert evidence.text.count("Ferry stops") == 1
