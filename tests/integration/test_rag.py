@@ -182,3 +182,35 @@ def test_a_corpus_answers_with_a_second_hop_and_stays_its_tenants(
     # top_k 1: the lighthouse alone by the question; the engineer by the second hop
     assert set(mine.headers[CITATIONS_HEADER].split(", ")) == {"lighthouse#0", "brant#0"}
     assert theirs.headers[CITATIONS_HEADER] == ""  # the other tenant has no corpus "kb"
+
+
+TWO_PART = "Who designed the Quillon Lighthouse, and in which town was that engineer born?"
+DECOMPOSE_POLICY = """
+rules:
+  - name: decompose-then-rag
+    stages:
+      - use: decompose
+        settings: {step_tokens: 16, cache_plans: false}
+      - use: rag
+        settings: {mode: always, ratio: 4}
+"""
+
+
+def test_each_sub_question_selects_its_own_context(vllm_url: str, tmp_path: Any) -> None:
+    """With ``decompose`` before ``rag``, every step goes through the rag stage with the
+    request's documents: each sub-question retrieves for itself."""
+    policy = write_policy(tmp_path, DECOMPOSE_POLICY)
+    with ProxyThread(proxy_settings(vllm_url, policy=policy)) as proxy:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": TWO_PART}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "leangate": {"documents": [*FILLER, *BRIDGE_DOCS[:2]]},
+        }
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=600)
+        response.raise_for_status()
+        steps = int(response.headers["x-leangate-plan"].split("steps=")[1].split(";")[0])
+        selections = metric_total(proxy.url, "leangate_rag_selections_total")
+    assert steps >= 1
+    assert selections == steps, "one selection per sub-question, none for plan or synthesis"
