@@ -7,15 +7,14 @@ import asyncio
 import json
 from typing import Any, cast
 
-import httpx
 import numpy as np
 import pytest
 from compress_corpus import GOLD, prompt
+from recording_backend import ANSWER, RecordingBackend
 
-from leangate.backend.client import BackendClient, BackendSettings
+from leangate.backend.client import BackendClient
 from leangate.backend.profile import Estimate
 from leangate.backend.tokenizer import Tokenizer
-from leangate.backend.transport import HttpxTransport
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
 from leangate.cache.store import MemoryStore
@@ -29,32 +28,12 @@ from leangate.middleware.services import Services
 from leangate.retrieval import compress
 from leangate.retrieval.compress import HEADER, CompressSettings, CompressStage
 
-MODELS = {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 3000}]}
-ANSWER = {
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-}
-
-
-class Backend:
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json=MODELS)
-        self.bodies.append(json.loads(request.content))
-        return httpx.Response(200, json=ANSWER)
-
 
 async def _setup(
     **settings: Any,
-) -> tuple[CompressStage, BackendClient, Backend, Metrics]:
-    backend = Backend()
-    client = BackendClient(
-        BackendSettings(urls=["http://a"]), HttpxTransport(httpx.MockTransport(backend.handle))
-    )
-    await client.check_health()
+) -> tuple[CompressStage, BackendClient, RecordingBackend, Metrics]:
+    backend = RecordingBackend(max_model_len=3000)
+    client = await backend.client()
     metrics = Metrics()
     services = Services(
         client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)

@@ -3,15 +3,13 @@ budget, placement, citations, the marked block, and failing open with nothing lo
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import httpx
 import pytest
+from recording_backend import RecordingBackend
 
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.tokenizer import Tokenizer
-from leangate.backend.transport import HttpxTransport
 from leangate.cache.embedder import Embedder
 from leangate.cache.keys import exact_hash
 from leangate.cache.services import CacheServices
@@ -34,12 +32,6 @@ from leangate.retrieval.rag import (
     given_pieces,
     select_evidence,
 )
-
-ANSWER = {
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-}
-MODELS = {"object": "list", "data": [{"id": "m", "object": "model"}]}
 
 # Invented documents: the answer needs the bridge from the first to the second.
 DOCS = [
@@ -142,30 +134,12 @@ def test_corpus_priors_weigh_in() -> None:
 # --- the stage in a chain ----------------------------------------------------------------------
 
 
-class Backend:
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json=MODELS)
-        self.bodies.append(json.loads(request.content))
-        return httpx.Response(200, json=ANSWER)
-
-
-async def _chain(settings: RagSettings) -> tuple[Any, Backend, Metrics]:
-    backend = Backend()
-    client = BackendClient(
-        BackendSettings(urls=["http://a"]), HttpxTransport(httpx.MockTransport(backend.handle))
-    )
-    await client.check_health()
+async def _chain(settings: RagSettings) -> tuple[Any, RecordingBackend, Metrics]:
+    backend = RecordingBackend()
+    client = await backend.client()
     metrics = Metrics()
     services = Services(
-        client,
-        metrics,
-        CacheServices(MemoryStore(), metrics),
-        Embedder(),
-        Tokenizer(client),
+        client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)
     )
     stage = RagStage("rag", settings, services)
     return build_chain([(stage, 1.0)], forward, metrics), backend, metrics
@@ -255,12 +229,8 @@ def test_attached_documents_are_part_of_the_cache_key() -> None:
     assert len(hashes) == 4
 
 
-async def _run(chain: Any, ctx: RequestContext, backend: Backend) -> Any:
-    client = BackendClient(
-        BackendSettings(urls=["http://a"]), HttpxTransport(httpx.MockTransport(backend.handle))
-    )
-    await client.check_health()
-    ctx.backend = client
+async def _run(chain: Any, ctx: RequestContext, backend: RecordingBackend) -> Any:
+    ctx.backend = client = await backend.client()
     try:
         return await chain(ctx)
     finally:

@@ -1,0 +1,40 @@
+"""A scripted OpenAI-compatible backend for stages' unit tests: it records every request
+body it is sent and answers "ok"."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from leangate.backend.client import BackendClient, BackendSettings
+from leangate.backend.transport import HttpxTransport
+
+ANSWER = {
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
+class RecordingBackend:
+    def __init__(self, max_model_len: int | None = None) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        card: dict[str, Any] = {"id": "m", "object": "model"}
+        if max_model_len is not None:
+            card["max_model_len"] = max_model_len
+        self.models = {"object": "list", "data": [card]}
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=self.models)
+        self.bodies.append(json.loads(request.content))
+        return httpx.Response(200, json=ANSWER)
+
+    async def client(self) -> BackendClient:
+        """A client of this backend whose replica has passed its health check."""
+        client = BackendClient(
+            BackendSettings(urls=["http://a"]), HttpxTransport(httpx.MockTransport(self.handle))
+        )
+        await client.check_health()
+        return client
