@@ -114,6 +114,13 @@ class Metrics:
             ["stage", "event"],
             registry=r,
         )
+        self.saved_seconds = Counter(
+            "leangate_stage_saved_seconds",
+            "Backend time a stage saved by shortening prompts, estimated by the backend "
+            "profile (uncalibrated: at a fast assumed prefill speed), less its own time",
+            ["stage"],
+            registry=r,
+        )
         self.subrequests = Counter(
             "leangate_subrequests",
             "Backend calls stages made on behalf of a request",
@@ -155,6 +162,10 @@ class Metrics:
         self.rag_tokens.labels(stage, "offered").inc(before)
         self.rag_tokens.labels(stage, "sent").inc(after)
         self.rag_seconds.labels(stage).observe(seconds)
+
+    def stage_saved(self, stage: str, seconds: float) -> None:
+        """Estimated seconds saved (a loss, when negative, is counted as none)."""
+        self.saved_seconds.labels(stage).inc(max(seconds, 0.0))
 
     def rag_event(self, stage: str, event: str) -> None:
         self.rag_events.labels(stage, event).inc()

@@ -31,7 +31,7 @@ from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 
-from .payoff import OwnCost, predicted_saving
+from .payoff import OwnCost, net_saving, predicted_saving
 from .prompt import Plan, budget, part_key, plan, rebuild, segments_by_part
 from .select import Selection, Selector, SelectSettings
 
@@ -144,6 +144,15 @@ class CompressStage:
         self.services.metrics.compress_done(
             self.name, outcome.before, outcome.after, outcome.seconds
         )
+        saved = net_saving(
+            self.services.profile,
+            ctx.answer_cap(DEFAULT_ANSWER_TOKENS),
+            outcome.before,
+            outcome.after,
+            outcome.seconds,
+            self.settings.uncalibrated_prefill_tps,
+        )
+        self.services.metrics.stage_saved(self.name, saved)
         return await call_next(ctx)
 
     # --- deciding ----------------------------------------------------------------------------

@@ -37,3 +37,17 @@ def predicted_saving(
     if not profile.calibrated:
         return (before - after) / uncalibrated_tps, False
     return profile.predict(before, answer_tokens) - profile.predict(after, answer_tokens), True
+
+
+def net_saving(
+    profile: BackendProfile,
+    answer_tokens: int,
+    before: int,
+    after: int,
+    own_s: float,
+    uncalibrated_tps: float,
+) -> float:
+    """Seconds a shortened prompt saved, by the profile's prediction, less the stage's own
+    time: what ``leangate_stage_saved_seconds`` adds up."""
+    saved, _ = predicted_saving(profile, answer_tokens, before, after, uncalibrated_tps)
+    return saved - own_s

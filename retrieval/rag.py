@@ -47,7 +47,7 @@ from leangate.retrieval.documents import Document
 
 from .chunks import Chunk, chunk_document
 from .evidence import Evidence, Order, Piece, Pool, write
-from .payoff import OwnCost, predicted_saving
+from .payoff import OwnCost, net_saving, predicted_saving
 from .select import SelectSettings, bridge_entities
 from .text import segment
 
@@ -243,7 +243,18 @@ class RagStage:
         ctx.response_headers[CITATIONS_HEADER] = ", ".join(
             urllib.parse.quote(p.chunk.id, safe="#-_.~/:") for p in evidence.cited
         )
-        self.services.metrics.rag_done(self.name, reason, before, evidence.tokens, seconds)
+        metrics = self.services.metrics
+        metrics.rag_done(self.name, reason, before, evidence.tokens, seconds)
+        if reason == "selected":
+            saved = net_saving(
+                self.services.profile,
+                ctx.answer_cap(DEFAULT_ANSWER_TOKENS),
+                before,
+                evidence.tokens,
+                seconds,
+                self.settings.uncalibrated_prefill_tps,
+            )
+            metrics.stage_saved(self.name, saved)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ budget, placement, citations, the marked block, and failing open with nothing lo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -175,9 +176,10 @@ async def test_attached_documents_reach_the_model_selected_and_cited() -> None:
     assert [c["id"] for c in cited] == cited_ids
     titles = {c["document"]: c["title"] for c in cited}
     assert titles["harbor"] == "Quillon Lighthouse" and titles["brant"] == "Odile Brant"
-    assert 'leangate_rag_selections_total{outcome="selected",stage="rag"} 1.0' in (
-        metrics.render().decode()
-    )
+    rendered = metrics.render().decode()
+    assert 'leangate_rag_selections_total{outcome="selected",stage="rag"} 1.0' in rendered
+    saved = re.search(r'leangate_stage_saved_seconds_total\{stage="rag"\} ([0-9.e-]+)', rendered)
+    assert saved is not None and float(saved.group(1)) > 0
 
 
 @pytest.mark.asyncio
