@@ -26,3 +26,6 @@ def test_up_serves_a_request_and_the_repeat_from_cache(vllm_url: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "[first request]" in done.stdout and "cache: miss" in done.stdout
     assert "[second request]" in done.stdout and "cache: hit-exact" in done.stdout
+    assert "[with documents]" in done.stdout and "rag: selected;" in done.stdout
+    cited = done.stdout.split("cited: ")[1].split("\n")[0].split(", ")
+    assert "ferries#0" in cited
