@@ -8,7 +8,6 @@ streams get their SSE framing back. The completion routes bypass FastAPI's routi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hmac
 import logging
@@ -24,16 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from leangate.backend.client import BackendClient
 from leangate.backend.errors import BackendError, BackendProtocolError
 from leangate.backend.sse import DONE_EVENT, encode_event
-from leangate.backend.tokenizer import Tokenizer
 from leangate.backend.transport import Transport, UpstreamResponse
-from leangate.cache.embedder import Embedder
 from leangate.cache.purge import purge
-from leangate.cache.services import CacheServices
-from leangate.cache.store import open_store
-from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
 from leangate.middleware.corpora_api import add_corpus_routes
 from leangate.middleware.errors import (
@@ -48,11 +41,9 @@ from leangate.middleware.errors import (
 )
 from leangate.middleware.gateway import Gateway
 from leangate.middleware.metrics import Metrics
-from leangate.middleware.policy import Policy, load_policy, uses_semantic_cache
+from leangate.middleware.policy import load_policy
 from leangate.middleware.protocol import Route
-from leangate.middleware.registry import needs_of
-from leangate.middleware.services import Services
-from leangate.retrieval.corpora import Corpora, CorpusSettings
+from leangate.middleware.runtime import open_runtime
 from leangate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,43 +98,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        metrics = Metrics()
-        backend = BackendClient(
-            settings.backend_settings(), transport, metrics.backend_request_sent
-        )
-        embedder = Embedder()
-        cache = CacheServices(open_store(settings.redis_url), metrics, embedder)
-        await backend.start()
-        if uses_semantic_cache(policy):
-            await cache.start_semantic()
-        corpora = Corpora(_corpus_settings(settings), embedder, settings.redis_url)
-        await corpora.start()
-        services = Services(
-            backend=backend,
-            metrics=metrics,
-            cache=cache,
-            embedder=embedder,
-            tokenizer=Tokenizer(backend, settings.tokenizer_dirs),
-            corpora=corpora,
-        )
-        await services.prepare(needs_of(policy.stage_specs()))
-        gateway = Gateway(services, policy)
-        app.state.gateway = gateway
-        app.state.settings = settings
-        watch = _watch_policy(settings, gateway)
-        gc.collect()
-        gc.freeze()  # start-up objects live forever; keep the collector from rescanning them
-        try:
+        async with open_runtime(settings, policy, transport) as runtime:
+            app.state.gateway = runtime.gateway
+            app.state.settings = settings
+            gc.collect()
+            gc.freeze()  # start-up objects live forever; keep the collector from rescanning them
             yield
-        finally:
-            if watch is not None:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
-            await services.aclose()
-            await corpora.aclose()
-            await cache.close()
-            await backend.aclose()
 
     docs = "/docs" if settings.expose_docs else None
     app = FastAPI(
@@ -160,32 +120,6 @@ def create_app(
     add_corpus_routes(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     return LeanGateApp(app)
-
-
-def _corpus_settings(settings: Settings) -> CorpusSettings:
-    if settings.corpus_dir is None:
-        return CorpusSettings()
-    return CorpusSettings(root=settings.corpus_dir)
-
-
-def _watch_policy(settings: Settings, gateway: Gateway) -> asyncio.Task[None] | None:
-    if settings.policy is None:
-        return None
-    metrics = gateway.services.metrics
-
-    def changed(policy: Policy | None) -> None:
-        if policy is None:
-            metrics.policy_reloads.labels("rejected").inc()
-            return
-        gateway.use_policy(policy)
-        prepare = gateway.services.prepare(needs_of(policy.stage_specs()))
-        asyncio.create_task(prepare, name="prepare-services")  # noqa: RUF006
-        if uses_semantic_cache(policy):
-            gateway.services.cache.semantic()  # starts loading the embedding model
-        metrics.policy_reloads.labels("applied").inc()
-
-    watcher = PolicyWatcher(settings.policy, changed, settings.policy_reload_s)
-    return asyncio.create_task(watcher.run(), name="policy-watcher")
 
 
 # --- completion routes -----------------------------------------------------------------------
