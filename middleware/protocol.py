@@ -83,17 +83,22 @@ class RequestOptions(BaseModel):
     documents: list[Document] | None = Field(None, max_length=MAX_DOCUMENTS)
     """Context for the ``rag`` stage, which sends the model the parts that answer the
     question (ignored when the policy runs no ``rag`` stage)."""
+    planner: Literal["sot", "decompose", "direct"] | None = None
+    """Force how the answer is planned, among the planner stages the policy runs for this
+    request: ``sot`` or ``decompose`` runs that stage without its router; ``direct`` skips
+    both. A planner the policy sets to ``never`` (or does not run) stays off."""
     citations: bool = False
     """Name the chunks the ``rag`` stage chose in a ``leangate`` field of the JSON body
     (the ``x-leangate-citations`` header names them always)."""
 
     def answer_inputs(self) -> dict[str, Any] | None:
         """What in these options changes the answer, for cache keys."""
-        if not self.documents and not self.citations:
+        if not self.documents and not self.citations and self.planner is None:
             return None
         return {
             "documents": [d.model_dump() for d in self.documents or []],
             "citations": self.citations,
+            "planner": self.planner,
         }
 
 

@@ -124,7 +124,8 @@ class DecomposeStage:
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         question = plannable_question(ctx)
-        if question is None or self.settings.mode == "never":
+        forced = ctx.options.planner
+        if question is None or self.settings.mode == "never" or forced in ("sot", "direct"):
             return await call_next(ctx)
         started = time.perf_counter()
         self.services.metrics.planner_decided(self.name, True, f"policy-{self.settings.mode}")

@@ -121,9 +121,11 @@ class SotStage:
     # --- deciding ----------------------------------------------------------------------------
 
     async def decide(self, ctx: RequestContext, question: str) -> Decision:
-        mode = self.settings.mode
-        if mode != "auto":
+        mode, forced = self.settings.mode, ctx.options.planner
+        if mode == "never" or (forced is None and mode == "always"):
             return Decision(mode == "always", f"policy-{mode}")
+        if forced is not None:
+            return Decision(forced == "sot", f"request-{forced}")
         vector = (await self.services.embedder.aembed([question]))[0]
         if not self.router.suits(question, vector):
             return Decision(False, "router")
