@@ -9,7 +9,13 @@ from typing import Any
 import httpx
 
 from leangate.backend.client import BackendClient, BackendSettings
+from leangate.backend.tokenizer import Tokenizer
 from leangate.backend.transport import HttpxTransport
+from leangate.cache.embedder import Embedder
+from leangate.cache.services import CacheServices
+from leangate.cache.store import MemoryStore
+from leangate.middleware.metrics import Metrics
+from leangate.middleware.services import Services
 
 ANSWER = {
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
@@ -38,3 +44,12 @@ class RecordingBackend:
         )
         await client.check_health()
         return client
+
+
+def services_of(client: BackendClient) -> Services:
+    """Services for a stage under test: an in-memory store, an embedder that loads only if
+    used, the tokenizer's estimates."""
+    metrics = Metrics()
+    return Services(
+        client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)
+    )

@@ -5,30 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from recording_backend import RecordingBackend
+from recording_backend import RecordingBackend, services_of
 
 from leangate.backend.client import BackendClient, BackendSettings
-from leangate.backend.tokenizer import Tokenizer
-from leangate.cache.embedder import Embedder
-from leangate.cache.services import CacheServices
-from leangate.cache.store import MemoryStore
 from leangate.middleware.context import RequestContext
 from leangate.middleware.endpoint import forward
-from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
 from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
-from leangate.middleware.services import Services
 from leangate.planners.decompose import DecomposeSettings, DecomposeStage
 from leangate.planners.sot import SotSettings, SotStage
 
 QUESTION = "What are three ways to keep a bicycle chain clean?"
-
-
-def _services(client: BackendClient) -> Services:
-    metrics = Metrics()
-    return Services(
-        client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)
-    )
 
 
 def _ctx(client: BackendClient, planner: Any) -> RequestContext:
@@ -59,7 +46,7 @@ async def test_sot_follows_the_request_within_the_policy(
     mode: str, planner: str, run: bool, reason: str
 ) -> None:
     client = BackendClient(BackendSettings(urls=["http://unused"]))
-    stage = SotStage("sot", SotSettings(mode=mode), _services(client))
+    stage = SotStage("sot", SotSettings(mode=mode), services_of(client))
     decision = await stage.decide(_ctx(client, planner), QUESTION)
     assert (decision.run, decision.reason) == (run, reason)
 
@@ -69,7 +56,7 @@ async def test_sot_follows_the_request_within_the_policy(
 async def test_decompose_steps_aside_for_another_planner(planner: str) -> None:
     backend = RecordingBackend()
     client = await backend.client()
-    stage = DecomposeStage("decompose", DecomposeSettings(), _services(client))
+    stage = DecomposeStage("decompose", DecomposeSettings(), services_of(client))
     chain = build_chain([(stage, 5.0)], forward)
     ctx = _ctx(client, planner)
     try:

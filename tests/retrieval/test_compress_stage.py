@@ -10,21 +10,17 @@ from typing import Any, cast
 import numpy as np
 import pytest
 from compress_corpus import GOLD, prompt
-from recording_backend import ANSWER, RecordingBackend
+from recording_backend import ANSWER, RecordingBackend, services_of
 
 from leangate.backend.client import BackendClient
 from leangate.backend.profile import Estimate
-from leangate.backend.tokenizer import Tokenizer
 from leangate.cache.embedder import Embedder
-from leangate.cache.services import CacheServices
-from leangate.cache.store import MemoryStore
 from leangate.middleware.context import RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
 from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.registry import stage_class
-from leangate.middleware.services import Services
 from leangate.retrieval import compress
 from leangate.retrieval.compress import HEADER, CompressSettings, CompressStage
 
@@ -34,16 +30,13 @@ async def _setup(
 ) -> tuple[CompressStage, BackendClient, RecordingBackend, Metrics]:
     backend = RecordingBackend(max_model_len=3000)
     client = await backend.client()
-    metrics = Metrics()
-    services = Services(
-        client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)
-    )
+    services = services_of(client)
     options = {"min_prompt_tokens": 50, "min_block_tokens": 40, **settings}
     return (
         CompressStage("compress", CompressSettings(**options), services),
         client,
         backend,
-        metrics,
+        services.metrics,
     )
 
 

@@ -7,20 +7,15 @@ import re
 from typing import Any
 
 import pytest
-from recording_backend import RecordingBackend
+from recording_backend import RecordingBackend, services_of
 
 from leangate.backend.client import BackendClient, BackendSettings
-from leangate.backend.tokenizer import Tokenizer
-from leangate.cache.embedder import Embedder
 from leangate.cache.keys import exact_hash
-from leangate.cache.services import CacheServices
-from leangate.cache.store import MemoryStore
 from leangate.middleware.context import JsonResult, RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
 from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
-from leangate.middleware.services import Services
 from leangate.retrieval import rag
 from leangate.retrieval.chunks import chunk_document
 from leangate.retrieval.documents import Document
@@ -138,12 +133,9 @@ def test_corpus_priors_weigh_in() -> None:
 async def _chain(settings: RagSettings) -> tuple[Any, RecordingBackend, Metrics]:
     backend = RecordingBackend()
     client = await backend.client()
-    metrics = Metrics()
-    services = Services(
-        client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)
-    )
+    services = services_of(client)
     stage = RagStage("rag", settings, services)
-    return build_chain([(stage, 1.0)], forward, metrics), backend, metrics
+    return build_chain([(stage, 1.0)], forward, services.metrics), backend, services.metrics
 
 
 def _ctx(content: str, **options: Any) -> RequestContext:
