@@ -23,6 +23,7 @@ out. The event is counted in ``/metrics`` and named in the ``x-leangate-rag`` he
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -97,7 +98,7 @@ class RagSettings(BaseModel):
     against lexical (BM25) ones."""
     dense: bool = False
     """Add the embedder's scores for attached documents' sentences (their embeddings are
-    kept per tenant by content hash, so a document sent again costs nothing). Off by
+    kept per tenant by a hash of their text, so a document sent again costs nothing). Off by
     default: measured on the tune part of the HotpotQA sample it added no recall."""
     hops: int = Field(2, ge=1, le=2)
     """2: a second hop from the bridge entities of the best first-pass evidence."""
@@ -146,6 +147,7 @@ class RagStage:
         count = TokenCounts.of(self.services.tokenizer, ctx.model)
         question, block = _split(str(messages[-1].get("content") or ""))
         offered = 0
+        given: list[Piece] | None = None
         try:
             async with asyncio.timeout(self.settings.select_budget_ms / 1000):
                 given = await asyncio.to_thread(given_pieces, documents, block, count)
@@ -159,7 +161,9 @@ class RagStage:
             reason = "failed-open-" + ("timeout" if isinstance(exc, TimeoutError) else "error")
             log.warning("rag selection failed (%s), sending the given context whole", reason)
             self.services.metrics.stage_failed_open(self.name, reason.removeprefix("failed-open-"))
-            evidence = whole(Pool(given_pieces(documents, block, count), count))
+            if given is None:
+                given = given_pieces(documents, block, count)
+            evidence = whole(Pool(given, count))
         seconds = time.perf_counter() - started
         content = _with_context(str(messages[-1].get("content") or ""), evidence, block)
         ctx.replace_body(
@@ -307,10 +311,10 @@ class EmbeddingMemory:
 
     def __init__(self, embedder: Embedder, entries: int) -> None:
         self.embedder = embedder
-        self._vectors: LRUCache[tuple[str, str], np.ndarray] = LRUCache(max(entries, 1))
+        self._vectors: LRUCache[tuple[str, bytes], np.ndarray] = LRUCache(max(entries, 1))
 
     async def embed(self, tenant: str, texts: list[str]) -> np.ndarray:
-        keys = [(tenant, text) for text in texts]
+        keys = [(tenant, hashlib.blake2b(text.encode(), digest_size=16).digest()) for text in texts]
         missing = [i for i, key in enumerate(keys) if key not in self._vectors]
         if missing:
             fresh = await self.embedder.aembed([texts[i] for i in missing])

@@ -10,6 +10,7 @@ import pytest
 from recording_backend import RecordingBackend, services_of
 
 from leangate.backend.client import BackendClient, BackendSettings
+from leangate.cache.embedder import Embedder
 from leangate.cache.keys import exact_hash
 from leangate.middleware.context import JsonResult, RequestContext
 from leangate.middleware.endpoint import forward
@@ -23,6 +24,7 @@ from leangate.retrieval.evidence import Piece, Pool
 from leangate.retrieval.rag import (
     CITATIONS_HEADER,
     HEADER,
+    EmbeddingMemory,
     RagSettings,
     RagStage,
     given_pieces,
@@ -265,3 +267,25 @@ def test_a_paragraph_cut_into_chunks_is_written_once_under_one_head() -> None:
     ids = ", ".join(p.chunk.id for p in pool.pieces)
     assert evidence.text.startswith(f"[{ids}] Ferry stops\nThe Varell ferry stop number 0")
     assert evidence.text.count("Ferry stops") == 1
+
+
+@pytest.mark.asyncio
+async def test_embeddings_are_remembered_per_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    embedder = Embedder()
+    embedded: list[str] = []
+    real = embedder.aembed
+
+    async def counting(texts: Any) -> Any:
+        embedded.extend(texts)
+        return await real(texts)
+
+    monkeypatch.setattr(embedder, "aembed", counting)
+    memory = EmbeddingMemory(embedder, 100)
+    try:
+        first = await memory.embed("a", ["one sentence", "another one"])
+        again = await memory.embed("a", ["another one", "one sentence"])
+        await memory.embed("b", ["one sentence"])
+    finally:
+        embedder.close()
+    assert embedded == ["one sentence", "another one", "one sentence"], "b embeds its own"
+    assert (again[1] == first[0]).all() and (again[0] == first[1]).all()
