@@ -4,9 +4,9 @@ write the chosen ones as one context block.
 The chunks come from documents attached to the request and from named corpora
 (``retrieval/rag.py`` gathers them). Selection is ``retrieval/select.py``'s, sentence by
 sentence, each paragraph a section; a chunk found by a corpus search brings its search score
-along as a prior. Chosen sentences stay in their chunk's order; chunks are written
-strongest last by default, right before the question: small models use best what is
-nearest the question and the prompt's start ("Lost in the Middle", Liu et al., 2023).
+along as a prior. Chosen sentences stay in their order; paragraphs are written strongest
+last by default, right before the question: small models use best what is nearest the
+question and the prompt's start ("Lost in the Middle", Liu et al., 2023).
 """
 
 from __future__ import annotations
