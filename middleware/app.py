@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -138,7 +139,8 @@ async def _complete(
         ctx = gateway.prepare(route, body, headers)
         ctx.scope.on_fanout = watch.start
         result = await gateway.execute(ctx)
-        response = _render(result, ctx, gateway.services.metrics, route)
+        labels = _Labels(route, ctx.model, gateway.tenant_label(ctx.tenant), started)
+        response = _render(result, ctx, gateway.services.metrics, labels)
     except asyncio.CancelledError:
         if not watch.gone:
             raise
@@ -150,10 +152,21 @@ async def _complete(
         response = error_response(exc)
     finally:
         watch.stop()
+    model, tenant = (ctx.model, gateway.tenant_label(ctx.tenant)) if ctx else ("", "")
     gateway.services.metrics.request_done(
-        route, response.status_code, time.perf_counter() - started
+        route, response.status_code, time.perf_counter() - started, model, tenant
     )
     return response, ctx
+
+
+@dataclass(frozen=True, slots=True)
+class _Labels:
+    """What a response's metrics are labelled with, and when its request started."""
+
+    route: Route
+    model: str
+    tenant: str
+    started: float
 
 
 class ClientWatch:
@@ -217,13 +230,13 @@ async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _render(result: Result, ctx: RequestContext, metrics: Metrics, route: Route) -> Response:
+def _render(result: Result, ctx: RequestContext, metrics: Metrics, labels: _Labels) -> Response:
     headers = {**ctx.response_headers, **result.headers}
     if ctx.timings:
         headers["server-timing"] = server_timing(ctx.timings)
     if isinstance(result, StreamResult):
         return StreamingResponse(
-            _sse(result, metrics, route),
+            _sse(result, metrics, labels),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
@@ -235,14 +248,20 @@ def server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timings.items())
 
 
-async def _sse(result: StreamResult, metrics: Metrics, route: Route) -> AsyncIterator[bytes]:
+async def _sse(result: StreamResult, metrics: Metrics, labels: _Labels) -> AsyncIterator[bytes]:
     """The result as SSE bytes; a failure mid-stream becomes a final error event."""
+    route = labels.route
     if result.upstream is not None:
         source = _RawRelay(result.upstream).chunks()
     else:
         source = _framed(result.events)
+    first = True
     try:
         async for piece in source:
+            if first:
+                first = False
+                waited = time.perf_counter() - labels.started
+                metrics.first_event(route, labels.model, labels.tenant, waited)
             yield piece
     except Exception as exc:
         if _is_unexpected(exc):

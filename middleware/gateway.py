@@ -17,7 +17,7 @@ from leangate.middleware.chains import ChainBook
 from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.endpoint import forward
 from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_validation_error
-from leangate.middleware.policy import Policy
+from leangate.middleware.policy import ANONYMOUS, Policy
 from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
 from leangate.middleware.registry import known_stages
 from leangate.middleware.services import Services
@@ -57,6 +57,12 @@ class Gateway:
         except BaseException:
             await ctx.scope.aclose()
             raise
+
+    def tenant_label(self, tenant: str) -> str:
+        """``tenant`` as a metrics label: a tenant of the policy, ``anonymous``, or
+        ``other`` (a key no tenant lists is a tenant of its own: unbounded)."""
+        policy = self.book.policy
+        return tenant if tenant in policy.tenants or tenant == ANONYMOUS else "other"
 
     def tenant_of(self, headers: Mapping[str, str]) -> str | None:
         """The tenant of the request's API key (None: refused by the policy)."""

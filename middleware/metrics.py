@@ -10,16 +10,27 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, int, str, str], tuple[Counter, Histogram]] = {}
         self._replica_children: dict[str, Counter] = {}
         r = self.registry
         self.requests = Counter(
-            "leangate_requests", "Requests answered", ["route", "status"], registry=r
+            "leangate_requests",
+            "Requests answered",
+            ["route", "status", "model", "tenant"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "leangate_request_seconds",
             "Time to the response headers",
-            ["route"],
+            ["route", "model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_event_seconds = Histogram(
+            "leangate_first_event_seconds",
+            "Streams: time from the request to its first event (the client's time to first "
+            "token, give or take the role-only first chunk)",
+            ["route", "model", "tenant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -178,18 +189,25 @@ class Metrics:
                 if isinstance(count, int) and count > 0:
                     self.subrequest_tokens.labels(stage, field.removesuffix("_tokens")).inc(count)
 
-    def request_done(self, route: str, status: int, seconds: float) -> None:
-        """Count an answered request; label children are cached (the hot path)."""
-        key = (route, status)
+    def request_done(
+        self, route: str, status: int, seconds: float, model: str = "", tenant: str = ""
+    ) -> None:
+        """Count an answered request; label children are cached (the hot path). ``model``
+        and ``tenant`` are empty for a request refused before they were known; ``tenant``
+        must be a bounded label (``Gateway.tenant_label``)."""
+        key = (route, status, model, tenant)
         children = self._request_children.get(key)
         if children is None:
             children = (
-                self.requests.labels(route, str(status)),
-                self.request_seconds.labels(route),
+                self.requests.labels(route, str(status), model, tenant),
+                self.request_seconds.labels(route, model, tenant),
             )
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def first_event(self, route: str, model: str, tenant: str, seconds: float) -> None:
+        self.first_event_seconds.labels(route, model, tenant).observe(seconds)
 
     def backend_request_sent(self, replica: str) -> None:
         child = self._replica_children.get(replica)

@@ -210,17 +210,19 @@ class Pipeline:
 async def _execute(gateway: Gateway, call: _Call) -> tuple[Result, RequestContext]:
     metrics = gateway.services.metrics
     started = time.perf_counter()
+    labels = ("", "")
     try:
         ctx = gateway.prepare(call.route, call.body, call.headers)
+        labels = (ctx.model, gateway.tenant_label(ctx.tenant))
         result = await gateway.execute(ctx)
     except Exception as exc:
         if not isinstance(exc, BackendError | ProxyError):
             log.exception("unexpected error on %s", call.route)
         error = request_error(call.route, exc)
-        metrics.request_done(call.route, error.status_code, time.perf_counter() - started)
+        metrics.request_done(call.route, error.status_code, time.perf_counter() - started, *labels)
         raise error from exc
     status = result.status if isinstance(result, JsonResult) else 200
-    metrics.request_done(call.route, status, time.perf_counter() - started)
+    metrics.request_done(call.route, status, time.perf_counter() - started, *labels)
     return result, ctx
 
 

@@ -193,3 +193,21 @@ def test_client_disconnect_cancels_backend_request(proxy: ProxyThread, vllm_url:
     while _running_requests(vllm_url) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _running_requests(vllm_url) == 0
+
+
+def test_requests_and_first_events_are_labelled_by_model_and_bounded_tenant(
+    client: openai.OpenAI, proxy: ProxyThread
+) -> None:
+    """``sk-test`` is a key no tenant lists: a tenant of its own, labelled ``other`` so
+    that unknown keys cannot grow the metrics without bound."""
+    stream = client.chat.completions.create(
+        model=MODEL, messages=PROMPT, max_tokens=4, temperature=0, stream=True
+    )
+    assert list(stream)
+    labels = f'model="{MODEL}",route="chat",tenant="other"'
+    text = httpx.get(proxy.url + "/metrics").text
+    assert f"leangate_first_event_seconds_count{{{labels}}}" in text
+    assert (
+        f'leangate_requests_total{{model="{MODEL}",route="chat",status="200",tenant="other"}}'
+        in text
+    )
