@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from leangate import logs
     from leangate.middleware.app import create_app
     from leangate.settings import Settings
 
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level:
         overrides["log_level"] = args.log_level
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    logging.basicConfig(level=settings.log_level.upper())
+    logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,8 @@ class Settings(BaseSettings):
     policy_reload_s: float = Field(1.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     log_level: str = "warning"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object a line (``leangate/logs.py``)."""
     admin_api_key: SecretStr | None = None
     """Bearer key for the ``/admin`` API and the detailed ``/health``; without one the
     admin API is off."""

@@ -3,6 +3,7 @@ budget, placement, citations, the marked block, and failing open with nothing lo
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -190,8 +191,10 @@ async def test_a_marked_block_is_selected_in_place() -> None:
 
 @pytest.mark.asyncio
 async def test_a_failing_selection_sends_the_given_documents_whole(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("selection broke")
 
@@ -202,6 +205,8 @@ async def test_a_failing_selection_sends_the_given_documents_whole(
     sent = backend.bodies[-1]["messages"][-1]["content"]
     assert all(d.text.split(". ")[0] in sent for d in DOCS)
     assert ctx.response_headers[HEADER].startswith("failed-open-error;")
+    assert caplog.records, "the failure is logged"
+    assert "Quillon" not in caplog.text and "Sarlenne" not in caplog.text, "no prompt text"
     assert 'leangate_stage_failed_open_total{reason="error",stage="rag"} 1.0' in (
         metrics.render().decode()
     )
