@@ -133,13 +133,14 @@ async def _complete(
     started = time.perf_counter()
     headers = Headers(scope=scope)
     ctx: RequestContext | None = None
+    labels = _Labels(route, "", "", started)  # model and tenant: unknown until prepared
     watch = ClientWatch(receive)
     try:
         body = await _read_body(receive, headers, state.settings.max_body_bytes)
         ctx = gateway.prepare(route, body, headers)
+        labels = _Labels(route, ctx.model, gateway.tenant_label(ctx.tenant), started)
         ctx.scope.on_fanout = watch.start
         result = await gateway.execute(ctx)
-        labels = _Labels(route, ctx.model, gateway.tenant_label(ctx.tenant), started)
         response = _render(result, ctx, gateway.services.metrics, labels)
     except asyncio.CancelledError:
         if not watch.gone:
@@ -152,9 +153,8 @@ async def _complete(
         response = error_response(exc)
     finally:
         watch.stop()
-    model, tenant = (ctx.model, gateway.tenant_label(ctx.tenant)) if ctx else ("", "")
     gateway.services.metrics.request_done(
-        route, response.status_code, time.perf_counter() - started, model, tenant
+        route, response.status_code, time.perf_counter() - started, labels.model, labels.tenant
     )
     return response, ctx
 

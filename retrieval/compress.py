@@ -31,13 +31,12 @@ from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 
-from .payoff import OwnCost, net_saving, predicted_saving
+from .payoff import DEFAULT_ANSWER_TOKENS, OwnCost, net_saving, predicted_saving
 from .prompt import Plan, budget, part_key, plan, rebuild, segments_by_part
 from .select import Selection, Selector, SelectSettings
 
 HEADER = "x-leangate-compress"
 KEPT_KIND = "compress-kept"
-DEFAULT_ANSWER_TOKENS = 16
 
 
 class CompressSettings(BaseModel):

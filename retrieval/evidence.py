@@ -74,11 +74,8 @@ class Pool:
                 tokens = count(seg.text) + (SEPARATOR_TOKENS if seg is segments[0] else 0)
                 self.candidates.append(Candidate(seg, section, chunk.title, tokens))
                 self.owner.append(number)
-
-    @property
-    def tokens(self) -> int:
+        self.tokens = sum(c.tokens for c in self.candidates)
         """Tokens of the whole context, as written."""
-        return sum(c.tokens for c in self.candidates)
 
     def tokens_from(self, source: str) -> int:
         return sum(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from leangate.backend.profile import BackendProfile
 
 EWMA_WEIGHT = 0.2
+DEFAULT_ANSWER_TOKENS = 16
+"""The answer length a saving is predicted for when the client set no ``max_tokens``."""
 
 
 class OwnCost:

@@ -28,6 +28,7 @@ from leangate.retrieval.rag import (
     EmbeddingMemory,
     RagSettings,
     RagStage,
+    TokenCounts,
     given_pieces,
     select_evidence,
 )
@@ -87,7 +88,7 @@ def test_chunks_keep_sentences_whole_and_paragraphs_apart() -> None:
 
 
 def test_selection_finds_the_bridge_within_the_budget() -> None:
-    pool = Pool(given_pieces(DOCS, None, rough), rough)
+    pool = Pool(given_pieces(DOCS, None, TokenCounts(rough)), rough)
     evidence, reason = select_evidence(QUESTION, pool, RagSettings(ratio=4))
     assert reason == "selected"
     assert evidence.tokens <= round(pool.tokens / 4)
@@ -97,7 +98,7 @@ def test_selection_finds_the_bridge_within_the_budget() -> None:
 
 
 def test_strongest_evidence_goes_last_and_chunks_are_headed_by_their_titles() -> None:
-    pool = Pool(given_pieces(DOCS, None, rough), rough)
+    pool = Pool(given_pieces(DOCS, None, TokenCounts(rough)), rough)
     last, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4))
     first, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4, order="strongest-first"))
     assert last.text.startswith("## ") and "## Quillon Lighthouse\nThe Quillon" in last.text
@@ -107,14 +108,14 @@ def test_strongest_evidence_goes_last_and_chunks_are_headed_by_their_titles() ->
 
 
 def test_ids_head_the_chunks_when_the_model_should_cite_them() -> None:
-    pool = Pool(given_pieces(DOCS, None, rough), rough, with_ids=True)
+    pool = Pool(given_pieces(DOCS, None, TokenCounts(rough)), rough, with_ids=True)
     evidence, _ = select_evidence(QUESTION, pool, RagSettings(ratio=4))
     assert "[harbor#0] Quillon Lighthouse\nThe Quillon" in evidence.text
     assert evidence.tokens <= round(pool.tokens / 4)
 
 
 def test_a_context_within_the_budget_is_sent_whole() -> None:
-    pool = Pool(given_pieces(DOCS[:2], None, rough), rough)
+    pool = Pool(given_pieces(DOCS[:2], None, TokenCounts(rough)), rough)
     evidence, reason = select_evidence(QUESTION, pool, RagSettings(budget_tokens=10_000))
     assert reason == "within-budget"
     assert evidence.tokens <= pool.tokens
@@ -266,7 +267,7 @@ def test_the_stage_needs_the_tokenizer_and_for_auto_the_profile() -> None:
 def test_a_paragraph_cut_into_chunks_is_written_once_under_one_head() -> None:
     text = " ".join(f"The Varell ferry stop number {n} has a bench." for n in range(80))
     doc = Document(id="stops", text=text, metadata={"title": "Ferry stops"})
-    pool = Pool(given_pieces([doc], None, rough), rough, with_ids=True)
+    pool = Pool(given_pieces([doc], None, TokenCounts(rough)), rough, with_ids=True)
     assert len({p.chunk.id for p in pool.pieces}) > 1, "the paragraph makes several chunks"
     evidence, _ = select_evidence("Varell ferry bench", pool, RagSettings(budget_tokens=10_000))
     ids = ", ".join(p.chunk.id for p in pool.pieces)
