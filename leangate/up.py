@@ -34,10 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 DEMO_POLICY = """
 # leangate up's default: an exact result cache, then RAG context selection (it acts only
-# on requests that bring documents).
+# on requests that bring documents). Selection takes a few ms, but where vLLM runs on the
+# same cores (as `leangate up` starts it) its busy threads can starve it, so the demo
+# gives it a budget of seconds rather than the default 400 ms.
 rules:
   - name: demo
-    stages: [{use: cache}, {use: rag}]
+    stages: [{use: cache}, {use: rag, settings: {select_budget_ms: 5000}}]
 """
 DEMO_DOCUMENTS = [
     {
@@ -100,8 +102,8 @@ def _serve_with_demo(settings: Settings, *, once: bool) -> int:
 
 def _demo(server: uvicorn.Server, settings: Settings, once: bool, outcome: list[bool]) -> None:
     """Two identical requests through the proxy (the second is a cache hit), then one with
-    documents attached (RAG sends only what answers it). Plain httpx (a dependency of
-    leangate), so that ``leangate up`` runs without the dev extras."""
+    documents attached (RAG sends only what answers it). Plain httpx, not the openai
+    package: the proxy's process never imports it."""
     import httpx
 
     while not server.started:

@@ -7,13 +7,15 @@ answer fails the run with a clear message.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -129,6 +131,38 @@ def proxy(vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 def backend_requests(proxy: ProxyThread) -> float:
     """How many requests the proxy has sent to its backend, from its /metrics."""
     return metric_total(proxy.url, "leangate_backend_requests_total")
+
+
+def vllm_running(vllm_url: str) -> float:
+    """How many sequences vLLM is generating now (its gauge follows its scheduler steps)."""
+    return metric_total(vllm_url, "vllm:num_requests_running")
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, message: str) -> None:
+    """Poll ``condition`` until it holds; fail with ``message`` after ``seconds``.
+
+    Deadlines are generous: a test asserts that something happens, not how fast (a vLLM
+    that was just started runs its first batches of a new size slowly)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def posted_then_left(url: str, body: dict[str, Any]) -> Iterator[None]:
+    """POST ``body`` on a raw connection whose answer is never read; leaving the block
+    closes the connection, as a client that gave up would."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(head + payload)
+        yield
 
 
 def free_port() -> int:

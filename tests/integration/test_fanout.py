@@ -4,24 +4,28 @@ sub-request when the client leaves, the worked example stage, tokenizer and prof
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+from conftest import (
+    MODEL,
+    ProxyThread,
+    posted_then_left,
+    proxy_settings,
+    vllm_running,
+    wait_for,
+    write_policy,
+)
 from openai.types.chat import ChatCompletionMessageParam
 
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.localvllm import LocalVLLMConfig
 from leangate.backend.profile import BackendProfile, timed_request
 from leangate.backend.tokenizer import Tokenizer
-from leangate.bench.common import metric_total
 from leangate.bench.profile import FANOUT_HEADER, probe_bodies
 
 pytestmark = pytest.mark.integration
@@ -38,38 +42,6 @@ rules:
   - name: example
     stages: [{use: example-fanout, settings: {part_tokens: 24}}]
 """
-
-
-def _running(vllm_url: str) -> float:
-    return metric_total(vllm_url, "vllm:num_requests_running")
-
-
-def _wait_idle(vllm_url: str, within_s: float) -> float:
-    deadline = time.monotonic() + within_s
-    while _running(vllm_url) > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _running(vllm_url)
-
-
-def _wait_running(vllm_url: str, count: int, within_s: float) -> float:
-    deadline = time.monotonic() + within_s
-    while _running(vllm_url) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _running(vllm_url)
-
-
-@contextlib.contextmanager
-def _raw_post(base_url: str, path: str, body: dict[str, object]) -> Iterator[None]:
-    """Send a request and hang up when the block ends, without reading the answer."""
-    address = httpx.URL(base_url)
-    payload = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nhost: {address.host}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(payload)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((address.host, address.port or 80)) as sock:
-        sock.sendall(head + payload)
-        yield
 
 
 def test_eight_sub_requests_overlap(vllm_url: str, tmp_path: Path) -> None:
@@ -98,7 +70,7 @@ def test_eight_sub_requests_overlap(vllm_url: str, tmp_path: Path) -> None:
 def test_a_client_that_leaves_cancels_every_sub_request(
     vllm_url: str, tmp_path: Path, stream: bool
 ) -> None:
-    assert _wait_idle(vllm_url, 60) == 0, "vLLM is busy with another test's requests"
+    wait_for(lambda: vllm_running(vllm_url) == 0, 60, "vLLM is busy with another test's requests")
     policy = write_policy(tmp_path, FANOUT % 1500)
     request = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "stream": stream}
     with ProxyThread(proxy_settings(vllm_url, policy=policy)) as proxy:
@@ -107,11 +79,11 @@ def test_a_client_that_leaves_cancels_every_sub_request(
                 with http.stream("POST", f"{proxy.url}/v1/chat/completions", json=request) as r:
                     lines = r.iter_lines()  # kept: a dropped iterator closes the stream
                     assert next(lines).startswith("data: ")  # the first part is flowing
-                    assert _wait_running(vllm_url, 8, within_s=10) == 8
+                    wait_for(lambda: vllm_running(vllm_url) == 8, 120, "not all 8 ran")
             else:
-                with _raw_post(proxy.url, "/v1/chat/completions", request):
-                    assert _wait_running(vllm_url, 8, within_s=10) == 8
-        assert _wait_idle(vllm_url, 2.0) == 0, "vLLM still runs sub-requests of a gone client"
+                with posted_then_left(f"{proxy.url}/v1/chat/completions", request):
+                    wait_for(lambda: vllm_running(vllm_url) == 8, 120, "not all 8 ran")
+        wait_for(lambda: vllm_running(vllm_url) == 0, 10, "sub-requests run on for a gone client")
 
 
 def test_example_stage_streams_both_parts_with_summed_usage(vllm_url: str, tmp_path: Path) -> None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
-from conftest import MODEL, ProxyThread, too_long_prompt
+from conftest import MODEL, ProxyThread, too_long_prompt, vllm_running, wait_for
 from openai.types.chat import ChatCompletionMessageParam
-
-from leangate.bench.common import metric_total
 
 pytestmark = pytest.mark.integration
 
@@ -169,10 +166,6 @@ def test_leangate_field_is_stripped(client: openai.OpenAI) -> None:
     assert answer.choices[0].message.content is not None
 
 
-def _running_requests(vllm_url: str) -> float:
-    return metric_total(vllm_url, "vllm:num_requests_running")
-
-
 def test_client_disconnect_cancels_backend_request(proxy: ProxyThread, vllm_url: str) -> None:
     body = {
         "model": MODEL,
@@ -188,11 +181,8 @@ def test_client_disconnect_cancels_backend_request(proxy: ProxyThread, vllm_url:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
-        assert _running_requests(vllm_url) >= 1
-    deadline = time.monotonic() + 10
-    while _running_requests(vllm_url) > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _running_requests(vllm_url) == 0
+        wait_for(lambda: vllm_running(vllm_url) >= 1, 60, "the stream is not generating")
+    wait_for(lambda: vllm_running(vllm_url) == 0, 10, "vLLM generates on for a gone client")
 
 
 def test_requests_and_first_events_are_labelled_by_model_and_bounded_tenant(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import orjson
 import pytest
-from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+from conftest import MODEL, ProxyThread, proxy_settings, vllm_running, wait_for, write_policy
 
 from leangate.bench.common import metric_total
 from leangate.planners.sot import PLAN_HEADER
@@ -108,14 +107,8 @@ def test_a_client_that_leaves_stops_every_point(vllm_url: str, tmp_path: Path) -
         with http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
-            deadline = time.monotonic() + 10  # vLLM's gauge follows its scheduler steps
-            while metric_total(vllm_url, "vllm:num_requests_running") < 3:
-                assert time.monotonic() < deadline, "the points are not running together"
-                time.sleep(0.1)
-        deadline = time.monotonic() + 2.0
-        while metric_total(vllm_url, "vllm:num_requests_running") > 0:
-            assert time.monotonic() < deadline, "points still run in vLLM for a gone client"
-            time.sleep(0.1)
+            wait_for(lambda: vllm_running(vllm_url) >= 3, 120, "the points never ran together")
+        wait_for(lambda: vllm_running(vllm_url) == 0, 10, "points run on for a gone client")
 
 
 def test_the_answer_starts_while_the_outline_is_still_written(

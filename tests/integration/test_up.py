@@ -15,7 +15,7 @@ def test_up_serves_a_request_and_the_repeat_from_cache(vllm_url: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # openai is a development dependency only: `leangate up` must not need it.
+    # the proxy never imports the openai package (only the SDK does): it starts lighter
     without_openai = (
         "import sys; sys.modules['openai'] = None; from leangate.cli import main; main()"
     )
