@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from leangate.backend.errors import BackendError, BackendProtocolError
 from leangate.backend.sse import DONE_EVENT, encode_event
 from leangate.backend.transport import Transport, UpstreamResponse
 from leangate.cache.purge import purge
+from leangate.middleware.admin_api import add_admin_routes, admin_refusal, error, is_admin
 from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
 from leangate.middleware.corpora_api import add_corpus_routes
 from leangate.middleware.errors import (
@@ -36,7 +36,6 @@ from leangate.middleware.errors import (
     PayloadTooLarge,
     ProxyError,
     describe_validation_error,
-    error_payload,
     error_response,
     stream_error_payload,
 )
@@ -119,6 +118,7 @@ def create_app(
     app.add_route("/metrics", _metrics, methods=["GET"])
     app.add_route("/admin/cache/purge", _purge, methods=["POST"])
     add_corpus_routes(app)
+    add_admin_routes(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     return LeanGateApp(app)
 
@@ -136,8 +136,10 @@ async def _complete(
     labels = _Labels(route, "", "", started)  # model and tenant: unknown until prepared
     watch = ClientWatch(receive)
     try:
-        body = await _read_body(receive, headers, state.settings.max_body_bytes)
-        ctx = gateway.prepare(route, body, headers)
+        tenant = await gateway.tenant_for(headers)
+        limit = gateway.body_limit(tenant, state.settings.max_body_bytes)
+        body = await _read_body(receive, headers, limit)
+        ctx = gateway.prepare(route, body, headers, tenant)
         labels = _Labels(route, ctx.model, gateway.tenant_label(ctx.tenant), started)
         ctx.scope.on_fanout = watch.start
         result = await gateway.execute(ctx)
@@ -321,7 +323,7 @@ def _after_last_event(data: bytes) -> int:
 async def _models(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     if not gateway.backend.ready:
-        return _error(503, "no backend replica is healthy", "service_unavailable")
+        return error(503, "no backend replica is healthy", "service_unavailable")
     return JSONResponse({"object": "list", "data": gateway.backend.model_cards()})
 
 
@@ -336,7 +338,7 @@ async def _health(request: Request) -> Response:
         "replicas": len(backend.replicas),
         "cache": {"store": cache.store.kind, "available": not cache.breaker.open},
     }
-    if _is_admin(request, request.app.state.settings):
+    if is_admin(request, request.app.state.settings):
         body["replicas"] = [
             {
                 "url": r.url,
@@ -349,16 +351,6 @@ async def _health(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if backend.ready else 503)
 
 
-def _is_admin(request: Request, settings: Settings) -> bool:
-    """Whether the request carries the admin key (compared in constant time, as bytes, so
-    that any header value compares instead of raising)."""
-    if settings.admin_api_key is None:
-        return False
-    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    expected = settings.admin_api_key.get_secret_value()
-    return hmac.compare_digest(supplied.encode(), expected.encode())
-
-
 async def _metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     metrics = gateway.services.metrics
@@ -368,29 +360,22 @@ async def _metrics(request: Request) -> Response:
 
 async def _purge(request: Request) -> Response:
     """Delete cached entries of a tenant and/or namespace; needs the admin key."""
-    settings: Settings = request.app.state.settings
     gateway: Gateway = request.app.state.gateway
-    if not settings.admin_api_key:
-        return _error(403, "the admin API is disabled (no admin key set)", "permission_error")
-    if not _is_admin(request, settings):
-        return _error(401, "a valid admin key is required", "authentication_error")
+    refused = admin_refusal(request)
+    if refused is not None:
+        return refused
     try:
         body = PurgeRequest.model_validate_json(await request.body())
         deleted = await purge(
             gateway.services.cache.store, tenant=body.tenant, namespace=body.namespace
         )
     except ValidationError as exc:
-        return _error(400, describe_validation_error(exc), "invalid_request_error")
+        return error(400, describe_validation_error(exc), "invalid_request_error")
     except ValueError as exc:
-        return _error(400, str(exc), "invalid_request_error")
+        return error(400, str(exc), "invalid_request_error")
     return JSONResponse({"deleted": deleted})
-
-
-def _error(status: int, message: str, error_type: str, code: str | None = None) -> Response:
-    body = error_payload(message, error_type, code or error_type)
-    return Response(body, status, media_type="application/json")
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     error_type = "not_found" if exc.status_code == 404 else "invalid_request_error"
-    return _error(exc.status_code, str(exc.detail), error_type)
+    return error(exc.status_code, str(exc.detail), error_type)

@@ -23,7 +23,6 @@ from leangate.middleware.errors import (
     InvalidRequest,
     PayloadTooLarge,
     ProxyError,
-    Unauthorized,
     describe_validation_error,
     error_response,
 )
@@ -160,10 +159,7 @@ async def _handle(request: Request, run: _Route) -> Response:
     try:
         if corpora is None:
             raise Unavailable("corpora are not available on this proxy")
-        tenant = gateway.tenant_of(request.headers)
-        if tenant is None:
-            raise Unauthorized("a valid API key is required")
-        return await run(corpora, tenant)
+        return await run(corpora, await gateway.tenant_for(request.headers))
     except UnknownCorpus as exc:
         return error_response(UnknownCorpusError(str(exc)))
     except DuplicateDocument as exc:

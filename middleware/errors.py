@@ -6,7 +6,8 @@ come from the tree in ``leangate.backend.errors``, edge errors from ``ProxyError
     ProxyError                     the request itself is at fault
     ├── InvalidRequest             malformed JSON, missing or invalid fields   → 400
     ├── Unauthorized               missing or unknown API key                  → 401
-    ├── PayloadTooLarge            body over the configured limit              → 413
+    ├── PayloadTooLarge            body or request over a configured limit     → 413
+    ├── RateLimited                over a tenant's rate or concurrency limit   → 429
     └── ClientGone                 the client left before its answer (never sent) → 499
 """
 
@@ -46,6 +47,18 @@ class PayloadTooLarge(ProxyError):
     code = "request_too_large"
 
 
+class RateLimited(ProxyError):
+    """Its response carries ``Retry-After``: the seconds until the limit admits again."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ClientGone(ProxyError):
     """Counted in /metrics as 499 (nginx's "client closed request"); nobody reads it."""
 
@@ -76,7 +89,10 @@ def error_response(exc: Exception) -> Response:
         return Response(exc.body, exc.status_code, media_type=exc.content_type)
     if isinstance(exc, ProxyError):
         body = error_payload(exc.message, exc.error_type, exc.code)
-        return Response(body, exc.status_code, media_type="application/json")
+        headers = None
+        if isinstance(exc, RateLimited):
+            headers = {"retry-after": str(exc.retry_after_s)}
+        return Response(body, exc.status_code, headers=headers, media_type="application/json")
     if isinstance(exc, BackendError):
         code = "model_not_found" if exc.status_code == 404 else exc.error_type
         body = error_payload(str(exc) or type(exc).__name__, exc.error_type, code)

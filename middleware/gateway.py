@@ -13,10 +13,13 @@ from pydantic import ValidationError
 
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import ModelNotFound
+from leangate.cache.store import StoreError
 from leangate.middleware.chains import ChainBook
 from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.endpoint import forward
 from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_validation_error
+from leangate.middleware.keys import KeyStoreUnavailable
+from leangate.middleware.limits import Limiter
 from leangate.middleware.policy import ANONYMOUS, Policy
 from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
 from leangate.middleware.registry import known_stages
@@ -33,6 +36,7 @@ class Gateway:
     def __init__(self, services: Services, policy: Policy) -> None:
         self.services = services
         self.book = ChainBook(policy, services, forward)
+        self.limiter = services.limiter or Limiter(services.metrics)
 
     @property
     def backend(self) -> BackendClient:
@@ -46,17 +50,51 @@ class Gateway:
     ) -> tuple[Result, RequestContext]:
         """Prepare and execute in one go; the caller must ``await ctx.scope.aclose()`` once
         the result was sent or dropped."""
-        ctx = self.prepare(route, body, headers)
+        ctx = self.prepare(route, body, headers, await self.tenant_for(headers))
         return await self.execute(ctx), ctx
 
     async def execute(self, ctx: RequestContext) -> Result:
-        """Run the request's chain; on failure its scope is closed here."""
+        """Admit the request under its tenant's limits and run its chain; on failure its
+        scope is closed here."""
         chain = self.book.chain_for(ctx.route, ctx.model, ctx.tenant, ctx.options)
         try:
+            limits = self.book.policy.limits_for(ctx.tenant)
+            if limits is not None:
+                await self.limiter.admit(ctx, limits)
             return await chain(ctx)
         except BaseException:
             await ctx.scope.aclose()
             raise
+
+    async def tenant_for(self, headers: Mapping[str, str]) -> str:
+        """The tenant of the request's API key: listed in the policy, else kept in Redis,
+        else a tenant of its own (or refused, with ``require_api_key``)."""
+        api_key = _bearer(headers)
+        policy = self.book.policy
+        tenant = policy.listed_tenant(api_key)
+        if tenant is None and api_key and self.services.keys is not None:
+            tenant = await self._stored_tenant(api_key)
+        tenant = tenant or policy.unlisted_tenant(api_key)
+        if tenant is None:
+            raise Unauthorized("a valid API key is required")
+        return tenant
+
+    async def _stored_tenant(self, api_key: str) -> str | None:
+        keys = self.services.keys
+        assert keys is not None
+        try:
+            return await keys.tenant_of(api_key)
+        except StoreError:
+            if self.book.policy.require_api_key:
+                raise KeyStoreUnavailable("API keys cannot be checked now; retry") from None
+            return None  # the key's own tenant: it sees no other tenant's data
+
+    def body_limit(self, tenant: str, default: int) -> int:
+        """The most bytes a request body of ``tenant`` may have."""
+        limits = self.book.policy.limits_for(tenant)
+        if limits is None or limits.max_body_bytes is None:
+            return default
+        return min(default, limits.max_body_bytes)
 
     def tenant_label(self, tenant: str) -> str:
         """``tenant`` as a metrics label: a tenant of the policy, ``anonymous``, or
@@ -64,11 +102,10 @@ class Gateway:
         policy = self.book.policy
         return tenant if tenant in policy.tenants or tenant == ANONYMOUS else "other"
 
-    def tenant_of(self, headers: Mapping[str, str]) -> str | None:
-        """The tenant of the request's API key (None: refused by the policy)."""
-        return self.book.policy.tenant_for_key(_bearer(headers))
-
-    def prepare(self, route: Route, body: bytes, headers: Mapping[str, str]) -> RequestContext:
+    def prepare(
+        self, route: Route, body: bytes, headers: Mapping[str, str], tenant: str
+    ) -> RequestContext:
+        """Validate the request of ``tenant`` (from ``tenant_for``) into its context."""
         data = _parse_object(body)
         raw: bytes | None = body
         options_field = data.pop("leangate", None)
@@ -79,9 +116,6 @@ class Gateway:
             request = REQUEST_MODELS[route].model_validate(data)
         except ValidationError as exc:
             raise InvalidRequest(describe_validation_error(exc)) from None
-        tenant = self.tenant_of(headers)
-        if tenant is None:
-            raise Unauthorized("a valid API key is required")
         if self.backend.ready and not self.backend.serves(request.model):
             raise ModelNotFound(request.model)
         return RequestContext(

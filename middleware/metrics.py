@@ -53,6 +53,17 @@ class Metrics:
         self.policy_reloads = Counter(
             "leangate_policy_reloads", "Policy file reloads", ["outcome"], registry=r
         )
+        self.limited = Counter(
+            "leangate_limited",
+            "Requests refused by a per-tenant limit, by the limit",
+            ["limit"],
+            registry=r,
+        )
+        self.limit_store_failures = Counter(
+            "leangate_limit_store_failures",
+            "Limit checks skipped because the limit store failed (the request was admitted)",
+            registry=r,
+        )
         self.backend_requests = Counter(
             "leangate_backend_requests",
             "Requests sent to backend replicas",

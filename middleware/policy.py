@@ -6,8 +6,11 @@ request decides its stages. A request no rule matches runs no stage.
 
 .. code-block:: yaml
 
+    limits: {requests_per_minute: 600, max_tokens: 2048}   # every tenant's
     tenants:
-      acme: {api_keys: [sk-acme-1]}
+      acme:
+        api_keys: [sk-acme-1]
+        limits: {requests_per_minute: 60, concurrent_requests: 4}
     rules:
       - name: cached-chat
         match: {routes: [chat], models: ["SmolLM2-*"], tenants: [acme]}
@@ -20,7 +23,6 @@ request decides its stages. A request no rule matches runs no stage.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +38,8 @@ from pydantic import (
 )
 
 from leangate.middleware.errors import describe_validation_error, validation_problems
+from leangate.middleware.keys import key_digest
+from leangate.middleware.limits import Limits
 from leangate.middleware.protocol import Route
 from leangate.middleware.registry import stage_class
 
@@ -102,6 +106,8 @@ class Tenant(_Strict):
     api_keys: list[SecretStr] = Field(default_factory=list)
     api_key_sha256: list[str] = Field(default_factory=list)
     """Hex SHA-256 digests of keys, for policy files that should not hold the keys."""
+    limits: Limits | None = None
+    """Overrides the policy's ``limits`` field by field."""
 
 
 class Policy(_Strict):
@@ -109,20 +115,30 @@ class Policy(_Strict):
     require_api_key: bool = False
     """Refuse requests whose key belongs to no tenant (401)."""
     default_budget_ms: float = Field(250.0, gt=0)
+    limits: Limits = Field(default_factory=Limits)
+    """Every tenant's limits (see ``middleware/limits.py``); none by default."""
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     _by_digest: dict[str, str] = PrivateAttr(default_factory=dict)
+    _limits: dict[str, Limits | None] = PrivateAttr(default_factory=dict)
+    _default_limits: Limits | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _index_keys(self) -> Policy:
         for name, tenant in self.tenants.items():
-            digests = [_digest(k.get_secret_value()) for k in tenant.api_keys]
+            digests = [key_digest(k.get_secret_value()) for k in tenant.api_keys]
             digests += tenant.api_key_sha256
             for digest in digests:
                 other = self._by_digest.setdefault(digest.lower(), name)
                 if other != name:
                     raise ValueError(f"an API key is listed for tenants {other!r} and {name!r}")
+            self._limits[name] = self.limits.under(tenant.limits).or_none()
+        self._default_limits = self.limits.or_none()
         return self
+
+    def limits_for(self, tenant: str) -> Limits | None:
+        """``tenant``'s limits; None when none applies (admission then costs nothing)."""
+        return self._limits.get(tenant, self._default_limits)
 
     def tenant_for_key(self, api_key: str | None) -> str | None:
         """The tenant owning ``api_key``.
@@ -131,13 +147,17 @@ class Policy(_Strict):
         (named after its digest), so that two unknown keys never share cached data; with
         ``require_api_key`` it is refused (None).
         """
-        if not api_key:
-            return None if self.require_api_key else ANONYMOUS
-        digest = _digest(api_key)
-        tenant = self._by_digest.get(digest)
-        if tenant is None and not self.require_api_key:
-            return f"key-{digest[:16]}"
-        return tenant
+        return self.listed_tenant(api_key) or self.unlisted_tenant(api_key)
+
+    def listed_tenant(self, api_key: str | None) -> str | None:
+        """The tenant that lists ``api_key`` in this policy, if any."""
+        return self._by_digest.get(key_digest(api_key)) if api_key else None
+
+    def unlisted_tenant(self, api_key: str | None) -> str | None:
+        """The tenant of a key no tenant lists (see ``tenant_for_key``)."""
+        if self.require_api_key:
+            return None
+        return f"key-{key_digest(api_key)[:16]}" if api_key else ANONYMOUS
 
     def stage_specs(self) -> list[tuple[str, BaseModel]]:
         """Every stage the rules run, with its validated settings."""
@@ -148,10 +168,6 @@ class Policy(_Strict):
             if rule.match.fits(route, model, tenant):
                 return index, rule
         return None
-
-
-def _digest(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 DEFAULT_POLICY = """

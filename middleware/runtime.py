@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
 
 from leangate.backend.client import BackendClient
 from leangate.backend.tokenizer import Tokenizer
@@ -21,6 +24,8 @@ from leangate.cache.services import CacheServices
 from leangate.cache.store import open_store
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.gateway import Gateway
+from leangate.middleware.keys import KeyStore
+from leangate.middleware.limits import Limiter
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.policy import Policy, uses_semantic_cache
 from leangate.middleware.registry import needs_of
@@ -67,6 +72,10 @@ async def open_runtime(
         corpora = Corpora(_corpus_settings(settings), embedder, settings.redis_url)
         stack.push_async_callback(corpora.aclose)
         await corpora.start()
+        redis = _redis_client(settings.redis_url)
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
+        limiter = Limiter(metrics, settings.redis_url, redis)
         services = Services(
             backend=backend,
             metrics=metrics,
@@ -74,6 +83,8 @@ async def open_runtime(
             embedder=embedder,
             tokenizer=Tokenizer(backend, settings.tokenizer_dirs),
             corpora=corpora,
+            limiter=limiter,
+            keys=KeyStore(redis) if redis is not None else None,
         )
         stack.push_async_callback(services.aclose)
         await services.prepare(needs_of(policy.stage_specs()))
@@ -82,6 +93,13 @@ async def open_runtime(
         if watch is not None:
             stack.push_async_callback(_cancel, watch)
         yield Runtime(settings, gateway)
+
+
+def _redis_client(url: str | None) -> Any:
+    """The client of API keys and limits (short timeouts: both sit on every request)."""
+    if url is None:
+        return None
+    return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
 def _corpus_settings(settings: Settings) -> CorpusSettings:

@@ -18,6 +18,8 @@ from leangate.backend.profile import BackendProfile
 from leangate.backend.tokenizer import Tokenizer
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
+from leangate.middleware.keys import KeyStore
+from leangate.middleware.limits import Limiter
 from leangate.middleware.metrics import Metrics
 from leangate.retrieval.corpora import Corpora
 
@@ -39,6 +41,10 @@ class Services:
     """Token counts for the served models (exact, or a fast estimate for budgets)."""
     corpora: Corpora | None = None
     """The tenants' named corpora (``retrieval/corpora.py``), opened in the lifespan."""
+    limiter: Limiter | None = None
+    """Per-tenant limits' counters (in Redis when one is configured)."""
+    keys: KeyStore | None = None
+    """API keys kept in Redis (only when one is configured)."""
 
     _calibration: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 

@@ -212,7 +212,8 @@ async def _execute(gateway: Gateway, call: _Call) -> tuple[Result, RequestContex
     started = time.perf_counter()
     labels = ("", "")
     try:
-        ctx = gateway.prepare(call.route, call.body, call.headers)
+        tenant = await gateway.tenant_for(call.headers)
+        ctx = gateway.prepare(call.route, call.body, call.headers, tenant)
         labels = (ctx.model, gateway.tenant_label(ctx.tenant))
         result = await gateway.execute(ctx)
     except Exception as exc:

@@ -1,0 +1,106 @@
+"""Tenants probing each other through the result cache and the admin API, with a fake
+backend that takes a known time and the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+
+from leangate.backend.transport import HttpxTransport
+from leangate.bench.common import metric_total
+
+BACKEND_S = 0.3
+MODELS = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+POLICY = """
+tenants:
+  alpha: {api_keys: [sk-alpha]}
+  beta: {api_keys: [sk-beta]}
+rules:
+  - name: cached
+    stages: [{use: cache}]
+"""
+
+
+async def _backend(request: httpx.Request) -> httpx.Response:
+    if request.url.path == "/v1/models":
+        return httpx.Response(200, json=MODELS)
+    await asyncio.sleep(BACKEND_S)
+    content = json.loads(request.content)["messages"][0]["content"]
+    answer = {"role": "assistant", "content": f"answer to {content}"}
+    return httpx.Response(
+        200,
+        json={
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ProxyThread]:
+    policy = write_policy(tmp_path_factory.mktemp("isolation"), POLICY)
+    settings = proxy_settings(
+        "http://backend.test", policy=policy, redis_url=redis_url, admin_api_key="root"
+    )
+    with ProxyThread(settings, HttpxTransport(httpx.MockTransport(_backend))) as running:
+        yield running
+
+
+def _ask(proxy: ProxyThread, key: str, question: str) -> tuple[httpx.Response, float]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0}
+    started = time.perf_counter()
+    response = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    return response, time.perf_counter() - started
+
+
+def test_another_tenant_cannot_tell_by_timing_that_an_answer_is_cached(
+    proxy: ProxyThread,
+) -> None:
+    question = f"What did alpha ask? {uuid.uuid4().hex}"
+    _ask(proxy, "sk-alpha", question)
+    hit, hit_s = _ask(proxy, "sk-alpha", question)
+    sent_before = metric_total(proxy.url, "leangate_backend_requests_total")
+    probe, probe_s = _ask(proxy, "sk-beta", question)
+    sent_after = metric_total(proxy.url, "leangate_backend_requests_total")
+    assert hit.headers["x-leangate-cache"] == "hit-exact" and hit_s < BACKEND_S
+    assert probe.headers["x-leangate-cache"] == "miss"
+    assert sent_after == sent_before + 1, "beta's probe went to the backend, as any miss"
+    assert probe_s >= BACKEND_S, "as long as any miss"
+
+
+def test_tenant_keys_open_no_admin_route(proxy: ProxyThread) -> None:
+    for key in ("sk-alpha", "sk-beta"):
+        headers = {"authorization": f"Bearer {key}"}
+        purge = httpx.post(
+            f"{proxy.url}/admin/cache/purge", json={"tenant": "alpha"}, headers=headers
+        )
+        listing = httpx.get(f"{proxy.url}/admin/keys", headers=headers)
+        making = httpx.post(f"{proxy.url}/admin/keys", json={"tenant": "alpha"}, headers=headers)
+        assert (purge.status_code, listing.status_code, making.status_code) == (401, 401, 401)
+
+
+def test_keys_are_never_logged(proxy: ProxyThread, caplog: pytest.LogCaptureFixture) -> None:
+    admin = {"authorization": "Bearer root"}
+    with caplog.at_level(logging.DEBUG):
+        made = httpx.post(f"{proxy.url}/admin/keys", json={"tenant": "alpha"}, headers=admin)
+        key = made.json()["api_key"]
+        _ask(proxy, key, f"Who am I? {uuid.uuid4().hex}")
+        _ask(proxy, "sk-alpha", f"And now? {uuid.uuid4().hex}")
+        httpx.delete(f"{proxy.url}/admin/keys/{made.json()['sha256']}", headers=admin)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert key not in logged and "sk-alpha" not in logged and "root" not in logged
