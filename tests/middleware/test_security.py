@@ -1,5 +1,6 @@
-"""Tenants probing each other through the result cache and the admin API, with a fake
-backend that takes a known time and the real Redis."""
+"""Tenants probing each other through the result cache and the admin API, and callers
+trying to pick the backend, with a fake backend that takes a known time and the real
+Redis."""
 
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ rules:
 """
 
 
+hosts_seen: set[str] = set()
+
+
 async def _backend(request: httpx.Request) -> httpx.Response:
+    hosts_seen.add(request.url.host)
     if request.url.path == "/v1/models":
         return httpx.Response(200, json=MODELS)
     await asyncio.sleep(BACKEND_S)
@@ -104,3 +109,21 @@ def test_keys_are_never_logged(proxy: ProxyThread, caplog: pytest.LogCaptureFixt
         httpx.delete(f"{proxy.url}/admin/keys/{made.json()['sha256']}", headers=admin)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert key not in logged and "sk-alpha" not in logged and "root" not in logged
+
+
+def test_callers_cannot_choose_where_the_proxy_connects(proxy: ProxyThread) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Where to? {uuid.uuid4().hex}"}],
+        "base_url": "http://evil.test/v1",
+        "api_base": "http://evil.test",
+        "leangate": {"stages": []},
+    }
+    headers = {"x-forwarded-host": "evil.test", "host": "evil.test", "forwarded": "host=evil"}
+    routed = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, headers=headers)
+    as_model = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        json={**body, "model": "http://evil.test/v1"},
+    )
+    assert routed.status_code == 200 and as_model.status_code == 404
+    assert hosts_seen == {"backend.test"}
