@@ -71,12 +71,19 @@ class Health(_Reply):
     cache: dict[str, Any]
 
 
+class ApiKey(_Reply):
+    sha256: str
+    tenant: str
+    api_key: str | None = None
+    """The key itself: only in ``create_key``'s answer, never again."""
+
+
 class AdminClient:
     """``with AdminClient("http://127.0.0.1:8080", api_key="sk-...") as admin:``
 
     ``api_key`` is the tenant's key (corpora are per tenant, as completions are);
-    ``admin_key`` is the proxy's ``LEANGATE_ADMIN_API_KEY``, needed to purge the cache and
-    to see each replica in ``health()``.
+    ``admin_key`` is the proxy's ``LEANGATE_ADMIN_API_KEY``, needed to purge the cache, to
+    manage API keys and to see each replica in ``health()``.
     """
 
     def __init__(
@@ -148,6 +155,21 @@ class AdminClient:
         reply = self._call("POST", "/admin/cache/purge", json=body, admin=True)
         return int(reply["deleted"])
 
+    def create_key(self, tenant: str) -> ApiKey:
+        """A new API key for ``tenant``, kept in the proxy's Redis (its only sight)."""
+        reply = self._call("POST", "/admin/keys", json={"tenant": tenant}, admin=True, ok=(201,))
+        return ApiKey.model_validate(reply)
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """The digests of the keys kept in Redis, with their tenants."""
+        params = {"tenant": tenant} if tenant else None
+        reply = self._call("GET", "/admin/keys", params=params, admin=True)
+        return [ApiKey.model_validate(key) for key in reply["data"]]
+
+    def revoke_key(self, sha256: str) -> None:
+        """Revoke a key kept in Redis (every replica refuses it within 2 s)."""
+        self._call("DELETE", f"/admin/keys/{sha256}", admin=True)
+
     def health(self) -> Health:
         """The proxy's health; an unavailable backend is a ``status``, not an error."""
         reply = self._call("GET", "/health", admin=self._admin_key is not None, ok=(200, 503))
@@ -159,13 +181,14 @@ class AdminClient:
         path: str,
         *,
         json: object = None,
+        params: dict[str, str] | None = None,
         admin: bool = False,
         ok: tuple[int, ...] = (200,),
     ) -> Any:
         key = self._admin_key if admin else None
         headers = {"authorization": f"Bearer {key}"} if key else None
         try:
-            response = self._http.request(method, path, json=json, headers=headers)
+            response = self._http.request(method, path, json=json, params=params, headers=headers)
         except httpx.HTTPError as exc:
             raise AdminError(None, f"{method} {path}: {exc}") from exc
         if response.status_code not in ok:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from conftest import MODEL, ProxyThread, free_port, proxy_settings, write_policy
 
+from leangate.admin_client import AdminClient, AdminError
 from leangate.backend.transport import HttpxTransport
 from leangate.bench.common import metric_total
 from leangate.middleware.limits import Limits
@@ -181,18 +182,18 @@ def test_keys_made_in_redis_work_at_once_and_stop_when_revoked(
     admin_proxy: tuple[ProxyThread, str],
 ) -> None:
     proxy, tenant = admin_proxy
-    admin = {"authorization": "Bearer root"}
     refused = httpx.post(f"{proxy.url}/admin/keys", json={"tenant": tenant})
-    made = httpx.post(f"{proxy.url}/admin/keys", json={"tenant": tenant}, headers=admin)
-    assert refused.status_code == 401 and made.status_code == 201
-    key, digest = made.json()["api_key"], made.json()["sha256"]
-    answer = _chat(proxy, key)
-    assert answer.status_code == 200
-    assert answer.json()["max_tokens_seen"] == 7, "the key is the tenant's: its limits apply"
-    listed = httpx.get(f"{proxy.url}/admin/keys", params={"tenant": tenant}, headers=admin)
-    assert listed.json()["data"] == [{"sha256": digest, "tenant": tenant}]
-    assert key not in listed.text
-    revoked = httpx.delete(f"{proxy.url}/admin/keys/{digest}", headers=admin)
-    assert revoked.status_code == 200
-    assert _chat(proxy, key).status_code == 401
-    assert httpx.delete(f"{proxy.url}/admin/keys/{digest}", headers=admin).status_code == 404
+    assert refused.status_code == 401
+    with AdminClient(proxy.url, admin_key="root") as admin:
+        made = admin.create_key(tenant)
+        assert made.api_key is not None
+        answer = _chat(proxy, made.api_key)
+        assert answer.status_code == 200
+        assert answer.json()["max_tokens_seen"] == 7, "the key is the tenant's: its limits apply"
+        listed = admin.list_keys(tenant)
+        assert [(k.sha256, k.tenant, k.api_key) for k in listed] == [(made.sha256, tenant, None)]
+        admin.revoke_key(made.sha256)
+        assert _chat(proxy, made.api_key).status_code == 401
+        with pytest.raises(AdminError) as gone:
+            admin.revoke_key(made.sha256)
+    assert gone.value.status == 404
