@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = None
     """Bearer key for the ``/admin`` API and the detailed ``/health``; without one the
     admin API is off."""
+    otel: bool = False
+    """Export OpenTelemetry spans (request, stage, backend call) over OTLP/HTTP, as the
+    ``OTEL_*`` variables say; needs the ``otel`` extra (``pip install 'leangate[otel]'``)."""
     expose_docs: bool = False
     """Serve the OpenAPI schema and ``/docs`` (off: they describe the deployment to anyone)."""
     tokenizer_dirs: dict[str, Path] = Field(default_factory=dict)

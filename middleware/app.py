@@ -44,6 +44,7 @@ from leangate.middleware.metrics import Metrics
 from leangate.middleware.policy import load_policy
 from leangate.middleware.protocol import Route
 from leangate.middleware.runtime import open_runtime
+from leangate.middleware.tracing import Tracing
 from leangate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,15 +91,19 @@ class LeanGateApp:
 
 
 def create_app(
-    settings: Settings | None = None, *, transport: Transport | None = None
+    settings: Settings | None = None,
+    *,
+    transport: Transport | None = None,
+    tracing: Tracing | None = None,
 ) -> LeanGateApp:
-    """Build the app; heavy resources are opened in its lifespan, not here."""
+    """Build the app; heavy resources are opened in its lifespan, not here. ``transport``
+    and ``tracing`` replace the backend connection and the span exporter (tests)."""
     settings = settings or Settings()
     policy = load_policy(settings.policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_runtime(settings, policy, transport) as runtime:
+        async with open_runtime(settings, policy, transport, tracing) as runtime:
             app.state.gateway = runtime.gateway
             app.state.settings = settings
             gc.collect()

@@ -30,7 +30,8 @@ class ChainBook:
     def __init__(self, policy: Policy, services: Services, endpoint: Handler) -> None:
         self.policy = policy
         self._services = services
-        self._endpoint = endpoint
+        tracing = services.tracing
+        self._endpoint = endpoint if tracing is None else tracing.backend_calls(endpoint)
         self._stages = [self._build_stages(rule) for rule in policy.rules]
         self._chains: dict[tuple[int, frozenset[str] | None], Handler] = {}
 
@@ -57,7 +58,8 @@ class ChainBook:
             stages = self._stages[index]
             if wanted is not None:
                 stages = [(s, b) for s, b in stages if s.name in wanted]
-            chain = build_chain(stages, self._endpoint, self._services.metrics)
+            services = self._services
+            chain = build_chain(stages, self._endpoint, services.metrics, services.tracing)
             self._chains[key] = chain
         return chain
 

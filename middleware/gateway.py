@@ -24,6 +24,7 @@ from leangate.middleware.policy import ANONYMOUS, Policy
 from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
 from leangate.middleware.registry import known_stages
 from leangate.middleware.services import Services
+from leangate.middleware.tracing import Attributes
 
 NO_OPTIONS = RequestOptions()
 STAGES_HEADER = "x-leangate-stages"
@@ -56,6 +57,19 @@ class Gateway:
     async def execute(self, ctx: RequestContext) -> Result:
         """Admit the request under its tenant's limits and run its chain; on failure its
         scope is closed here."""
+        tracing = self.services.tracing
+        if tracing is None:
+            return await self._execute(ctx)
+        attributes: Attributes = {
+            "leangate.route": ctx.route,
+            "leangate.model": ctx.model,
+            "leangate.tenant": self.tenant_label(ctx.tenant),
+            "leangate.stream": ctx.stream,
+        }
+        with tracing.span("leangate.request", attributes):
+            return await self._execute(ctx)
+
+    async def _execute(self, ctx: RequestContext) -> Result:
         chain = self.book.chain_for(ctx.route, ctx.model, ctx.tenant, ctx.options)
         try:
             limits = self.book.policy.limits_for(ctx.tenant)

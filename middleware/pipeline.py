@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from leangate.middleware.context import RequestContext, Result, StreamResult, close_stream
+from leangate.middleware.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,21 @@ class Guard:
         next_handler: Handler,
         budget_s: float | None,
         observer: StageObserver,
+        tracing: Tracing | None = None,
     ) -> None:
         self.stage = stage
         self.next_handler = next_handler
         self.budget_s = budget_s
         self.observer = observer
+        self.tracing = tracing
 
     async def __call__(self, ctx: RequestContext) -> Result:
+        if self.tracing is None:
+            return await self._run(ctx)
+        with self.tracing.span("leangate.stage", {"leangate.stage": self.stage.name}):
+            return await self._run(ctx)
+
+    async def _run(self, ctx: RequestContext) -> Result:
         frame: StageFrame | None = None
         try:
             async with asyncio.timeout(self.budget_s) as deadline:
@@ -225,7 +234,10 @@ class Guard:
         return call_next
 
     async def _fail_open(self, frame: StageFrame, exc: Exception) -> Result:
-        frame.failed_open("timeout" if isinstance(exc, TimeoutError) else "error", exc)
+        reason = "timeout" if isinstance(exc, TimeoutError) else "error"
+        frame.failed_open(reason, exc)
+        if self.tracing is not None:
+            self.tracing.note("failed open", {"reason": reason, "error": type(exc).__name__})
         if frame.pending:
             raise exc  # the request's own answer is still being made: nothing to fall back on
         if len(frame.answers) == 1 and frame.answers[0][1]:
@@ -244,10 +256,11 @@ def build_chain(
     stages: Sequence[tuple[Stage, float | None]],
     endpoint: Handler,
     observer: StageObserver | None = None,
+    tracing: Tracing | None = None,
 ) -> Handler:
     """Wrap ``endpoint`` in ``stages`` (first = outermost), each with its budget in seconds
     (``None``: no budget)."""
     handler = endpoint
     for stage, budget_s in reversed(stages):
-        handler = Guard(stage, handler, budget_s, observer or NullObserver())
+        handler = Guard(stage, handler, budget_s, observer or NullObserver(), tracing)
     return handler

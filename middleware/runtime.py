@@ -30,6 +30,7 @@ from leangate.middleware.metrics import Metrics
 from leangate.middleware.policy import Policy, uses_semantic_cache
 from leangate.middleware.registry import needs_of
 from leangate.middleware.services import Services
+from leangate.middleware.tracing import Tracing
 from leangate.retrieval.corpora import Corpora, CorpusSettings
 from leangate.settings import Settings
 
@@ -50,9 +51,13 @@ class Runtime:
 
 @contextlib.asynccontextmanager
 async def open_runtime(
-    settings: Settings, policy: Policy, transport: Transport | None = None
+    settings: Settings,
+    policy: Policy,
+    transport: Transport | None = None,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open the services ``policy`` needs, yield the runtime, close everything on exit.
+    ``tracing``: where spans go (default: OTLP when ``settings.otel``, else nowhere).
 
     What was opened is closed even when a later step of the start fails. The policy file
     (``settings.policy``), if any, is watched and reloaded while the runtime is open.
@@ -76,6 +81,10 @@ async def open_runtime(
         if redis is not None:
             stack.push_async_callback(redis.aclose)
         limiter = Limiter(metrics, settings.redis_url, redis)
+        if tracing is None and settings.otel:
+            tracing = Tracing.start()
+        if tracing is not None:
+            stack.callback(tracing.shutdown)
         services = Services(
             backend=backend,
             metrics=metrics,
@@ -85,6 +94,7 @@ async def open_runtime(
             corpora=corpora,
             limiter=limiter,
             keys=KeyStore(redis) if redis is not None else None,
+            tracing=tracing,
         )
         stack.push_async_callback(services.aclose)
         await services.prepare(needs_of(policy.stage_specs()))

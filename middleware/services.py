@@ -21,6 +21,7 @@ from leangate.cache.services import CacheServices
 from leangate.middleware.keys import KeyStore
 from leangate.middleware.limits import Limiter
 from leangate.middleware.metrics import Metrics
+from leangate.middleware.tracing import Tracing
 from leangate.retrieval.corpora import Corpora
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Services:
     """Per-tenant limits' counters (in Redis when one is configured)."""
     keys: KeyStore | None = None
     """API keys kept in Redis (only when one is configured)."""
+    tracing: Tracing | None = None
+    """OpenTelemetry spans (``LEANGATE_OTEL``); None: off."""
 
     _calibration: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 

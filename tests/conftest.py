@@ -27,6 +27,7 @@ import uvicorn
 from leangate.backend.transport import Transport
 from leangate.bench.common import metric_total
 from leangate.middleware.app import create_app
+from leangate.middleware.tracing import Tracing
 from leangate.settings import Settings
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -77,8 +78,13 @@ def redis_url() -> str:
 class ProxyThread:
     """A leangate app served by uvicorn on a free port, in a thread with its own loop."""
 
-    def __init__(self, settings: Settings, transport: Transport | None = None) -> None:
-        self.app = create_app(settings, transport=transport)
+    def __init__(
+        self,
+        settings: Settings,
+        transport: Transport | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.app = create_app(settings, transport=transport, tracing=tracing)
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
         )
