@@ -51,17 +51,24 @@ class CacheSettings(BaseModel):
     namespace: str = "default"
     """Entries are shared only within a namespace (and always only within a tenant)."""
     ttl_s: float = Field(3600.0, gt=0)
+    """An entry's lifetime, unless the request asks for its own (``cache_ttl_s`` or the
+    ``x-leangate-cache-ttl`` header), up to ``max_ttl_s``."""
     max_ttl_s: float = Field(7 * 86400.0, gt=0)
     """The most a request's own TTL may ask for."""
     exact: bool = True
+    """Look up and store entries by the exact request."""
     semantic: bool = False
+    """Also look up similar questions (embedded, searched, then checked by the ``verifier``)."""
     deterministic_only: bool = True
     """Serve and store only requests at temperature 0 or with a fixed seed."""
     allow_n: bool = False
     """Also cache requests with ``n > 1``."""
     singleflight: bool = True
+    """Concurrent identical misses wait for one backend call and share its answer."""
     singleflight_wait_s: float = Field(300.0, gt=0)
+    """How long a waiting request follows another's call before it makes its own."""
     verifier: VerifierSettings = Field(default_factory=VerifierSettings)
+    """The semantic hit verifier's thresholds (``cache/verify.py``); tuned defaults."""
 
 
 @dataclass(slots=True)

@@ -66,19 +66,31 @@ class VerifierSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_similarity: float = Field(default=0.65, ge=-1.0, le=1.0)
+    """The chosen neighbour's cosine similarity must reach this."""
     min_margin: float = Field(default=0.08, ge=0.0, le=4.0)
+    """The chosen neighbour must beat every other compatible one by this much score (else the
+    question is ambiguous: a miss)."""
     token_weight: float = Field(default=0.75, ge=0.0, le=2.0)
+    """Weight of token alignment (how much of the query the candidate covers) in the score."""
     surface_weight: float = Field(default=0.2, ge=0.0, le=2.0)
-    # Word-trigram Jaccard (lower-cased words); superseded by surface_weight, kept for configs.
+    """Weight of the raw texts' character-trigram Jaccard in the score."""
     trigram_weight: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Weight of word-trigram Jaccard (lower-cased words); superseded by ``surface_weight``,
+    kept for configs."""
     max_rejected_lead: float = Field(default=0.05, ge=0.0, le=2.0)
-    # The chosen entry's token alignment, the lower of both directions, must reach this: each
-    # text must cover what the other says (0 turns the check off).
+    """A neighbour the fact checks rejected may be at most this much closer (cosine) than the
+    chosen one; further ahead, the query likely rewords it and nothing is served."""
     min_alignment: float = Field(default=0.0, ge=0.0, le=1.0)
+    """The chosen entry's token alignment, the lower of both directions, must reach this: each
+    text must cover what the other says (0 turns the check off)."""
     check_numbers: bool = True
+    """Numbers must agree."""
     check_negation: bool = True
+    """Polarity must agree (a question and its negation never match)."""
     check_entities: bool = True
+    """Names, other proper nouns and code identifiers must agree."""
     check_quoted: bool = True
+    """Quoted strings must agree."""
 
 
 # The strictest operating point found on QQP's tuning part (see

@@ -52,6 +52,7 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     requests_per_minute: int | None = Field(None, gt=0)
+    """Requests per minute (a sliding window); over it: 429 with ``Retry-After``."""
     tokens_per_minute: int | None = Field(None, gt=0)
     """Prompt tokens (estimated) plus the answer tokens asked for, per minute."""
     concurrent_requests: int | None = Field(None, gt=0)
@@ -59,6 +60,7 @@ class Limits(BaseModel):
     max_body_bytes: int | None = Field(None, gt=0)
     """At most the process-wide ``LEANGATE_MAX_BODY_BYTES``."""
     max_messages: int | None = Field(None, gt=0)
+    """Most messages in one chat request; over it: 413 ``too_many_messages``."""
     max_tokens: int | None = Field(None, gt=0)
     """A ceiling on ``max_tokens``; a request without one gets this one."""
 

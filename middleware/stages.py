@@ -45,6 +45,7 @@ class ExampleFanout:
         part_tokens: int = Field(48, ge=1, le=1024)
         """Most tokens of each part."""
         part_budget_s: float = Field(60.0, gt=0)
+        """Time limit of each part's sub-request."""
 
     default_budget_ms: ClassVar[float | None] = 50.0
 

@@ -56,15 +56,21 @@ class DecomposeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["always", "never"] = "always"
+    """``always`` / ``never``: decompose every question, or none."""
     max_steps: int = Field(4, ge=2, le=MAX_STEPS)
+    """Most sub-questions of a plan."""
     decomposer_model: str | None = None
     """The served model that writes plans; default the request's own."""
     plan_tokens: int = Field(160, ge=32, le=1024)
+    """The plan's token cap."""
     step_tokens: int = Field(80, ge=16, le=1024)
+    """Each sub-answer's token cap."""
     default_max_tokens: int = Field(300, ge=16)
     """The synthesis's cap when the client sets none."""
     step_budget_s: float = Field(120.0, gt=0)
+    """Time limit of each step's sub-request; one over it fails the plan (answered directly)."""
     cache_plans: bool = True
+    """Keep plans in the intermediate-result cache, per tenant, decomposer model and question."""
 
 
 def plan_request(question: str, model: str, max_steps: int, max_tokens: int) -> dict[str, Any]:

@@ -53,12 +53,16 @@ class SotSettings(BaseModel):
     mode: Literal["auto", "always", "never"] = "auto"
     """``auto``: router and cost model decide; ``always`` / ``never`` force it."""
     max_points: int = Field(6, ge=MIN_POINTS, le=MAX_POINTS)
+    """Most points of an outline."""
     skeleton_tokens: int = Field(64, ge=16, le=256)
+    """The outline's token cap."""
     default_max_tokens: int = Field(400, ge=32)
     """The answer's length cap when the client sets none."""
     min_speedup: float = Field(1.2, gt=0)
     """Run SoT only when predicted at least this much faster than a direct answer."""
     point_budget_s: float = Field(120.0, gt=0)
+    """Time limit of the outline's and each point's sub-request; one over it fails the plan
+    (before the first byte: answered directly)."""
 
 
 class SkeletonError(ValueError):

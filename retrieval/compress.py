@@ -49,6 +49,7 @@ class CompressSettings(BaseModel):
     target_tokens: int | None = Field(None, ge=1)
     """Target by count instead of ratio (never more than the prompt)."""
     min_prompt_tokens: int = Field(1000, ge=0)
+    """Shorter prompts (by the tokenizer's estimate) are left alone."""
     min_block_tokens: int = Field(200, ge=1)
     """An earlier user message this long is a compressible document."""
     instruction_max_tokens: int = Field(100, ge=0)
@@ -58,13 +59,17 @@ class CompressSettings(BaseModel):
     default: measured on the tune part of the HotpotQA sample, it cost 60 to 110 ms per
     1,000 prompt tokens on 2 cores and kept fewer supporting sentences (0.87 against 0.92)."""
     dense_candidates: int = Field(20, ge=1, le=200)
+    """How many of the best sentences get dense scores (with ``dense``)."""
     min_payoff: float = Field(2.0, ge=0)
     """Compress only when the predicted prefill saving is this many times the predicted
     compressor time."""
     prior_ms_per_1k: float = Field(20.0, gt=0)
     """The compressor's time per 1,000 prompt tokens before it has measured its own."""
     uncalibrated_prefill_tps: float = Field(5000.0, gt=0)
+    """The prefill speed assumed until the backend profile is calibrated (fast, so the saving
+    is under-predicted)."""
     select: SelectSettings = Field(default_factory=SelectSettings)
+    """Finer weights of the sentence selection."""
     stable_prefix: bool = True
     """A text seen before (per tenant and model) keeps what it kept then, in place, so the
     prompt's prefix is the one vLLM cached. Off: every request is compressed for its own

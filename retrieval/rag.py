@@ -74,6 +74,8 @@ class RagSettings(BaseModel):
     is ``min_payoff`` times the selection's own measured time, else send the context
     whole; ``always``: select whenever the context is over budget."""
     min_payoff: float = Field(1.0, ge=0)
+    """With ``mode: auto``: select only when the predicted prefill saving is this many times
+    the selection's predicted time."""
     prior_ms_per_1k: float = Field(20.0, gt=0)
     """The selection's time per 1,000 context tokens before it has measured its own."""
     uncalibrated_prefill_tps: float = Field(5000.0, gt=0)
@@ -103,6 +105,7 @@ class RagSettings(BaseModel):
     hops: int = Field(2, ge=1, le=2)
     """2: a second hop from the bridge entities of the best first-pass evidence."""
     order: Order = "strongest-last"
+    """Order of the chunks in the context block (strongest last: next to the question)."""
     cite_in_prompt: bool = False
     """Head each chunk in the prompt with its id (``[doc#3] Title``), for apps that ask the
     model to cite; off: its title alone (fewer tokens)."""
@@ -111,7 +114,8 @@ class RagSettings(BaseModel):
     embedding_cache_entries: int = Field(20_000, ge=0)
     """Sentence embeddings of attached documents kept in memory (``dense`` only)."""
     select: SelectSettings = Field(default_factory=SelectSettings)
-    """Finer weights of the sentence selection."""
+    """Finer weights of the sentence selection; its ``dense_weight`` is always this stage's
+    ``dense_weight``, and ``hops: 1`` sets its ``hop_sources`` to 0."""
 
     def selection(self) -> SelectSettings:
         hop_sources = self.select.hop_sources if self.hops > 1 else 0

@@ -55,14 +55,19 @@ class SelectSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sentence_weight: float = Field(1.0, ge=0)
+    """Weight of a sentence's own BM25 score against the question."""
     section_weight: float = Field(1.0, ge=0)
+    """Weight of its section's BM25 score."""
     lead_bonus: float = Field(0.25, ge=0)
+    """Bonus of a section's lead sentence."""
     title_bonus: float = Field(0.5, ge=0)
     """A section whose title the question names."""
     dense_weight: float = Field(0.5, ge=0)
+    """Weight of dense (embedding) scores, when they are computed."""
     hop_sources: int = Field(2, ge=0, le=10)
     """Best first-pass sentences whose entities re-query the context (0: no second hop)."""
     hop_weight: float = Field(0.6, ge=0)
+    """Weight of the second hop's scores."""
     bridge_bonus: float = Field(2.0, ge=0)
     """A section whose title a bridge entity names."""
     mmr: float = Field(0.0, ge=0)
