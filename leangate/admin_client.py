@@ -71,6 +71,15 @@ class Health(_Reply):
     cache: dict[str, Any]
 
 
+class CacheStats(_Reply):
+    store: str
+    """``redis`` or ``memory``."""
+    entries: dict[str, int]
+    """``answers`` and ``semantic`` entries stored."""
+    lookups: dict[str, int]
+    """This proxy's lookups since it started: ``exact-hit``, ``exact-miss``, ``semantic-hit``..."""
+
+
 class ApiKey(_Reply):
     sha256: str
     tenant: str
@@ -154,6 +163,13 @@ class AdminClient:
         body = {"tenant": tenant, "namespace": namespace}
         reply = self._call("POST", "/admin/cache/purge", json=body, admin=True)
         return int(reply["deleted"])
+
+    def cache_stats(self, *, tenant: str | None = None, namespace: str | None = None) -> CacheStats:
+        """Entries the cache holds (of a tenant and/or namespace) and the lookups the
+        proxy answered since it started."""
+        params = {k: v for k, v in (("tenant", tenant), ("namespace", namespace)) if v}
+        reply = self._call("GET", "/admin/cache/stats", params=params, admin=True)
+        return CacheStats.model_validate(reply)
 
     def create_key(self, tenant: str) -> ApiKey:
         """A new API key for ``tenant``, kept in the proxy's Redis (its only sight)."""

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "compress": "leangate.bench.compress",
     "decompose": "leangate.bench.decompose",
     "rag": "leangate.bench.rag",
+    "load": "leangate.bench.load",
 }
 
 
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     handler = {
         "serve": _serve,
-        "policy": _policy_check,
+        "policy": _policy,
         "up": _up,
         "cache": _cache,
         "corpus": _corpus,
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path)
+    policy_commands.add_parser("doc", help="print the policy reference (docs/policy.md)")
 
     up = commands.add_parser("up", help="start local vLLM and the proxy, and try a request")
     from leangate import up as up_module
@@ -110,8 +112,18 @@ def _serve(args: argparse.Namespace) -> int:
         http="httptools",
         proxy_headers=False,
         server_header=False,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "doc":
+        from leangate.policy_doc import render
+
+        sys.stdout.write(render())
+        return 0
+    return _policy_check(args)
 
 
 def _policy_check(args: argparse.Namespace) -> int:

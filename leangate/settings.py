@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     corpus_dir: Path | None = None
     """Where the corpora's indexes (and, without Redis, their chunks) are kept; default
     ``$LEANGATE_HOME/corpora`` (``~/.cache/leangate/corpora``)."""
+    drain_timeout_s: int = Field(25, ge=0)
+    """On SIGTERM, how long requests in flight (streams included) may take to finish before
+    they are cut; whole seconds, as uvicorn counts them. 25 fits Kubernetes' default
+    grace period of 30 s with time left to close the services."""
 
     def backend_urls(self) -> list[str]:
         return [u.strip() for u in self.backend_url.split(",") if u.strip()]

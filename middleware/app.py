@@ -27,6 +27,8 @@ from leangate.backend.errors import BackendError, BackendProtocolError
 from leangate.backend.sse import DONE_EVENT, encode_event
 from leangate.backend.transport import Transport, UpstreamResponse
 from leangate.cache.purge import purge
+from leangate.cache.stats import count_entries
+from leangate.cache.store import StoreError
 from leangate.middleware.admin_api import add_admin_routes, admin_refusal, error, is_admin
 from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
 from leangate.middleware.corpora_api import add_corpus_routes
@@ -41,6 +43,7 @@ from leangate.middleware.errors import (
 )
 from leangate.middleware.gateway import Gateway
 from leangate.middleware.metrics import Metrics
+from leangate.middleware.openapi import describe_routes
 from leangate.middleware.policy import load_policy
 from leangate.middleware.protocol import Route
 from leangate.middleware.runtime import open_runtime
@@ -49,6 +52,9 @@ from leangate.settings import Settings
 
 log = logging.getLogger(__name__)
 
+WATCH_AFTER_S = 0.5
+"""A request still unanswered after this long gets a watcher that cancels it if its client
+leaves (one on every request would cost the hot path; stages that fan out start it at once)."""
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -122,8 +128,10 @@ def create_app(
     app.add_route("/health", _health, methods=["GET"])
     app.add_route("/metrics", _metrics, methods=["GET"])
     app.add_route("/admin/cache/purge", _purge, methods=["POST"])
+    app.add_route("/admin/cache/stats", _cache_stats, methods=["GET"])
     add_corpus_routes(app)
     add_admin_routes(app)
+    describe_routes(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     return LeanGateApp(app)
 
@@ -140,6 +148,7 @@ async def _complete(
     ctx: RequestContext | None = None
     labels = _Labels(route, "", "", started)  # model and tenant: unknown until prepared
     watch = ClientWatch(receive)
+    timer: asyncio.TimerHandle | None = None
     try:
         tenant = await gateway.tenant_for(headers)
         limit = gateway.body_limit(tenant, state.settings.max_body_bytes)
@@ -147,6 +156,7 @@ async def _complete(
         ctx = gateway.prepare(route, body, headers, tenant)
         labels = _Labels(route, ctx.model, gateway.tenant_label(ctx.tenant), started)
         ctx.scope.on_fanout = watch.start
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
         result = await gateway.execute(ctx)
         response = _render(result, ctx, gateway.services.metrics, labels)
     except asyncio.CancelledError:
@@ -159,6 +169,8 @@ async def _complete(
             log.exception("unexpected error on %s", route)
         response = error_response(exc)
     finally:
+        if timer is not None:
+            timer.cancel()
         watch.stop()
     gateway.services.metrics.request_done(
         route, response.status_code, time.perf_counter() - started, labels.model, labels.tenant
@@ -179,9 +191,10 @@ class _Labels:
 class ClientWatch:
     """Cancels the request's task when its client disconnects before the response starts.
 
-    Started only when a stage fans out (``RequestScope.on_fanout``): sub-requests should
-    stop as soon as nobody waits for them, and a watcher task on every request would cost
-    the hot path. Once the response starts, the streaming response notices disconnects.
+    Started when a stage fans out (``RequestScope.on_fanout``: sub-requests should stop as
+    soon as nobody waits for them), or once a request has waited ``WATCH_AFTER_S``; a
+    watcher task on every request would cost the hot path. Once the response starts, the
+    streaming response notices disconnects.
     """
 
     __slots__ = ("_receive", "_task", "_watcher", "gone")
@@ -315,9 +328,14 @@ class _RawRelay:
             raise BackendProtocolError("the backend's stream ended before [DONE]")
 
 
+_BLANK_LINES = (b"\n\n", b"\r\r", b"\n\r", b"\r\n\r\n", b"\n\r\n", b"\r\r\n")
+"""Every blank line holds ``\\n\\n``, ``\\r\\r`` or ``\\n\\r`` (two line endings in a row;
+``\\r\\n`` is one); the longer ones take the blank line's ``\\n`` along when it is there."""
+
+
 def _after_last_event(data: bytes) -> int:
     """The offset just past the last blank line (the end of an event), 0 if none."""
-    separators = (b"\n\n", b"\r\n\r\n", b"\r\r") if b"\r" in data else (b"\n\n",)
+    separators = _BLANK_LINES if b"\r" in data else (b"\n\n",)
     ends = [found + len(sep) for sep in separators if (found := data.rfind(sep)) >= 0]
     return max(ends, default=0)
 
@@ -378,7 +396,35 @@ async def _purge(request: Request) -> Response:
         return error(400, describe_validation_error(exc), "invalid_request_error")
     except ValueError as exc:
         return error(400, str(exc), "invalid_request_error")
+    except StoreError as exc:
+        log.warning("purging cache entries failed: %r", exc)
+        return error(503, "the cache store cannot answer; retry", "service_unavailable")
     return JSONResponse({"deleted": deleted})
+
+
+async def _cache_stats(request: Request) -> Response:
+    """Entries stored (all replicas', for a tenant and/or namespace) and this replica's
+    lookups since it started; needs the admin key."""
+    gateway: Gateway = request.app.state.gateway
+    refused = admin_refusal(request)
+    if refused is not None:
+        return refused
+    cache = gateway.services.cache
+    params = request.query_params
+    try:
+        counts = await count_entries(
+            cache.store, tenant=params.get("tenant"), namespace=params.get("namespace")
+        )
+    except StoreError as exc:
+        log.warning("counting cache entries failed: %r", exc)
+        return error(503, "the cache store cannot answer; retry", "service_unavailable")
+    return JSONResponse(
+        {
+            "store": cache.store.kind,
+            "entries": counts.as_dict(),
+            "lookups": gateway.services.metrics.cache_lookup_counts(),
+        }
+    )
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

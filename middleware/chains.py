@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,14 +73,27 @@ def _narrowing(options: RequestOptions | None) -> frozenset[str] | None:
     return allowed - frozenset(options.disable)
 
 
+SETTLE_S = 0.5
+"""A changed policy file is loaded once it has stayed the same this long."""
+
+
 class PolicyWatcher:
-    """Reloads the policy file when it changes; an invalid file leaves the old one in place."""
+    """Reloads the policy file when it changes; an invalid file leaves the old one in place.
+
+    ``run`` loads a changed file only once it has settled (unchanged for ``SETTLE_S``): a
+    file written in place is truncated first, and its first lines are often a valid
+    policy of their own, one without the tenants or the key requirement further down. A
+    writer that pauses longer than that mid-file still gets its half applied: writing a
+    new file and renaming it over the old one is the safe way (a rename is atomic).
+    """
 
     def __init__(self, path: Path, on_change: PolicyCallback, interval_s: float = 1.0) -> None:
         self.path = path
         self._on_change = on_change
         self._interval_s = interval_s
         self._stamp = self._read_stamp()
+        self._changed: tuple[tuple[float, int] | None, float] | None = None
+        """The file's new stamp, and when it was first seen."""
         self.last_error: str | None = None
 
     def _read_stamp(self) -> tuple[float, int] | None:
@@ -107,7 +121,19 @@ class PolicyWatcher:
         self._on_change(policy)
         return True
 
+    def settled(self) -> bool:
+        """False while the file has changed within the last ``SETTLE_S``."""
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            self._changed = None
+            return True
+        now = time.monotonic()
+        if self._changed is None or self._changed[0] != stamp:
+            self._changed = (stamp, now)
+        return now - self._changed[1] >= SETTLE_S
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            self.check()
+            if self.settled():
+                self.check()

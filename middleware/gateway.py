@@ -5,7 +5,7 @@ The ASGI app (``app.py``) and the in-process SDK both drive this class.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -27,6 +27,9 @@ from leangate.middleware.services import Services
 from leangate.middleware.tracing import Attributes
 
 NO_OPTIONS = RequestOptions()
+MAX_JSON_DEPTH = 64
+"""Far deeper than any request needs. orjson writes at most 255 levels (cache keys, a
+body a stage changed), so a deeper body that was accepted would fail later, as a 500."""
 STAGES_HEADER = "x-leangate-stages"
 DISABLE_HEADER = "x-leangate-disable"
 
@@ -151,7 +154,28 @@ def _parse_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and _nested_over(data, MAX_JSON_DEPTH):
+        raise InvalidRequest(
+            f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        )
     return data
+
+
+def _nested_over(data: object, limit: int) -> bool:
+    """Whether ``data`` has more than ``limit`` levels of objects and arrays."""
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[object] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
@@ -169,7 +193,7 @@ def _options(field: object, headers: Mapping[str, str]) -> RequestOptions:
     if field is None and only is None and not disable:
         return NO_OPTIONS
     try:
-        options = RequestOptions.model_validate(field or {})
+        options = RequestOptions.model_validate({} if field is None else field)
     except ValidationError as exc:
         raise InvalidRequest("leangate." + describe_validation_error(exc)) from None
     stages = options.stages

@@ -156,6 +156,15 @@ class Metrics:
             registry=r,
         )
 
+    def cache_lookup_counts(self) -> dict[str, int]:
+        """This process's result-cache lookups since it started, as ``kind-outcome``."""
+        return {
+            f"{s.labels['kind']}-{s.labels['outcome']}": int(s.value)
+            for metric in self.cache_lookups.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        }
+
     def stage_timed(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
 

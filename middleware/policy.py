@@ -56,6 +56,8 @@ class StageSpec(_Strict):
     budget_ms: float | None = Field(None, gt=0)
     """The stage's own time budget; defaults to the stage's default, then the policy's."""
     settings: dict[str, Any] = Field(default_factory=dict)
+    """The stage's own settings, validated by its settings model; those left out take their
+    defaults."""
     _validated: BaseModel = PrivateAttr()
 
     @model_validator(mode="after")
@@ -77,9 +79,12 @@ class StageSpec(_Strict):
 
 class Match(_Strict):
     routes: list[Route | Literal["*"]] = Field(default_factory=lambda: ["*"])  # type: ignore[arg-type]
+    """``chat`` (``/v1/chat/completions``), ``completions`` (``/v1/completions``) or ``"*"``."""
     models: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns (``fnmatch``)."""
     tenants: list[str] = Field(default_factory=lambda: ["*"])
+    """Tenant names: the policy's, ``anonymous`` (no key) or ``key-`` and 16 hex digits of its
+    SHA-256 (a key no tenant lists)."""
 
     def fits(self, route: Route, model: str, tenant: str) -> bool:
         return (
@@ -91,8 +96,11 @@ class Match(_Strict):
 
 class Rule(_Strict):
     name: str
+    """The rule's name, for people reading the policy and in its validation errors."""
     match: Match = Field(default_factory=Match)
+    """Which requests the rule applies to; all of them by default."""
     stages: list[StageSpec] = Field(default_factory=list)
+    """The chain, run in this order, each stage at most once (none: straight to the backend)."""
 
     @model_validator(mode="after")
     def _unique_stages(self) -> Rule:
@@ -104,6 +112,7 @@ class Rule(_Strict):
 
 class Tenant(_Strict):
     api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys that resolve to this tenant (compared as SHA-256 digests, never logged)."""
     api_key_sha256: list[str] = Field(default_factory=list)
     """Hex SHA-256 digests of keys, for policy files that should not hold the keys."""
     limits: Limits | None = None
@@ -112,13 +121,19 @@ class Tenant(_Strict):
 
 class Policy(_Strict):
     version: Literal[1] = 1
+    """The policy format's version; 1 is the only one."""
     require_api_key: bool = False
     """Refuse requests whose key belongs to no tenant (401)."""
     default_budget_ms: float = Field(250.0, gt=0)
+    """The time budget of a stage that neither its rule's ``budget_ms`` nor its class sets
+    (every built-in stage sets its own)."""
     limits: Limits = Field(default_factory=Limits)
     """Every tenant's limits (see ``middleware/limits.py``); none by default."""
     tenants: dict[str, Tenant] = Field(default_factory=dict)
+    """Tenants by name; a request's tenant is resolved from its API key."""
     rules: list[Rule] = Field(default_factory=list)
+    """Tried in order; the first whose ``match`` fits the request decides its stages (no match:
+    no stage runs)."""
     _by_digest: dict[str, str] = PrivateAttr(default_factory=dict)
     _limits: dict[str, Limits | None] = PrivateAttr(default_factory=dict)
     _default_limits: Limits | None = PrivateAttr(None)
@@ -196,6 +211,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: nested too deeply to read") from None
     try:
         return Policy.model_validate(data or {})
     except ValidationError as exc:

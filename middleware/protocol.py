@@ -2,19 +2,45 @@
 
 Fields follow the OpenAI API's order. Unknown fields are kept (``extra="allow"``) because
 the proxy forwards every field it does not use untouched; validation only rejects what
-cannot be a valid request, leaving finer checks to the backend.
+cannot be a valid request, leaving finer checks to the backend. Known fields are typed
+strictly and bounded where nothing beyond could be valid; ``middleware/openapi.py``
+serves these models as the routes' OpenAPI schema.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool
 
 from leangate.retrieval.documents import Document
 
 Route = Literal["chat", "completions"]
 MAX_DOCUMENTS = 1000
+MAX_CHOICES = 128
+"""OpenAI's bound on ``n``: every choice is a sequence the backend decodes."""
+MAX_ANSWER_TOKENS = 1 << 24
+"""Longer than any model's context: a larger ``max_tokens`` is a mistake or an attack."""
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _integral(value: object) -> object:
+    """``2.0`` as ``2``: JSON has one kind of number, and JSON Schema (like OpenAI) takes
+    a number without a fraction for an integer."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Number = Annotated[float, Strict()]
+"""Numbers, booleans and strings are not coerced into each other: the proxy reads these
+fields itself (``"stream": "false"`` is not false to ``bool()``), and forwards the body
+as it came, so it must not understand a field otherwise than a strict backend would."""
+AsInteger = BeforeValidator(_integral)
+AnswerTokens = Annotated[int, Strict(), Field(ge=0, le=MAX_ANSWER_TOKENS), AsInteger]
+Count = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX), AsInteger]
+TokenId = Count
 
 
 class _Open(BaseModel):
@@ -28,30 +54,30 @@ class ChatMessage(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class _Sampling(_Open):
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = None
-    seed: int | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    max_tokens: AnswerTokens | None = None
+    n: Annotated[int, Strict(), Field(ge=1, le=MAX_CHOICES), AsInteger] | None = None
+    presence_penalty: Number | None = None
+    seed: Annotated[int, Strict(), Field(ge=INT64_MIN, le=INT64_MAX), AsInteger] | None = None
     stop: str | list[str] | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = None
+    temperature: Annotated[float, Strict(), Field(ge=0)] | None = None
+    top_p: Number | None = None
     user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: StrictBool | None = None
+    top_logprobs: Count | None = None
+    max_completion_tokens: AnswerTokens | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -59,9 +85,14 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = None
-    logprobs: int | None = None
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    )
+    echo: StrictBool | None = None
+    logprobs: Count | None = None
     suffix: str | None = None
 
 
@@ -78,7 +109,7 @@ class RequestOptions(BaseModel):
     """Run only these of the policy's stages (``[]`` runs none)."""
     disable: list[str] = Field(default_factory=list)
     """Skip these of the policy's stages."""
-    cache_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    cache_ttl_s: Annotated[float, Strict()] | None = Field(None, gt=0, allow_inf_nan=False)
     """Store this answer for at most this long."""
     documents: list[Document] | None = Field(None, max_length=MAX_DOCUMENTS)
     """Context for the ``rag`` stage, which sends the model the parts that answer the
@@ -87,7 +118,7 @@ class RequestOptions(BaseModel):
     """Force how the answer is planned, among the planner stages the policy runs for this
     request: ``sot`` or ``decompose`` runs that stage without its router; ``direct`` skips
     both. A planner the policy sets to ``never`` (or does not run) stays off."""
-    citations: bool = False
+    citations: StrictBool = False
     """Name the chunks the ``rag`` stage chose in a ``leangate`` field of the JSON body
     (the ``x-leangate-citations`` header names them always)."""
 

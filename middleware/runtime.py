@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 from leangate.backend.client import BackendClient
 from leangate.backend.tokenizer import Tokenizer
@@ -109,7 +112,13 @@ def _redis_client(url: str | None) -> Any:
     """The client of API keys and limits (short timeouts: both sit on every request)."""
     if url is None:
         return None
-    return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 1),  # a connection left stale by a Redis restart: once more
+        retry_on_error=[RedisConnectionError],
+    )
 
 
 def _corpus_settings(settings: Settings) -> CorpusSettings:

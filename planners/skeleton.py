@@ -133,6 +133,8 @@ def expand_messages(question: str, point: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": EXPAND_SYSTEM}, {"role": "user", "content": user}]
 
 
+_RUN_OF_SPACES = re.compile(" {2,}")
+"""One space, as ``parse_outline`` keeps of them."""
 _TITLE_SO_FAR = re.compile(r"1(\.( [A-Za-z][A-Za-z ,'&/-]*)?)?")
 
 
@@ -173,7 +175,7 @@ class FirstTitle:
         """The number, then whole words only: what ``parse_outline`` keeps of the line."""
         if not self._line.startswith("1. "):
             return self._line  # "1" or "1."
-        title = _whole_words(self._line[3:], complete=complete)
+        title = _whole_words(_RUN_OF_SPACES.sub(" ", self._line[3:]), complete=complete)
         return f"1. {title}" if title else "1."
 
     def end(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -124,4 +125,52 @@ async def test_the_end_of_a_stream_body_is_a_write_of_its_own() -> None:
         writer.close()
         server.close()
         await server.wait_closed()
-    assert stats == {"connections_opened": 1, "requests": 2, "streams": 1, "streams_cut": 0}
+    assert stats == {
+        "connections_opened": 1,
+        "requests": 2,
+        "streams": 1,
+        "streams_cut": 0,
+        "answers_cut": 0,
+        "active": 0,
+    }
+
+
+async def test_a_request_paces_its_own_answer_and_a_client_that_leaves_is_counted() -> None:
+    """The ``responder`` body field (fault tests): a delayed plain answer, a stream of
+    ``chunks`` words, an answer of the request's ``text``; cut answers are counted."""
+    server = await start_responder(ResponderConfig())
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            started = asyncio.get_running_loop().time()
+            slow = {"delay_ms": 300, "text": "one two three"}
+            reply = await http.post("/v1/chat/completions", json={**chat, "responder": slow})
+            assert asyncio.get_running_loop().time() - started >= 0.3
+            assert reply.json()["choices"][0]["message"]["content"] == "one two three"
+            paced = {"chunks": 5, "chunk_interval_ms": 10, "text": "a b"}
+            streamed = await http.post(
+                "/v1/chat/completions", json={**chat, "stream": True, "responder": paced}
+            )
+            events = [e for e in streamed.text.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]" and len(events) == 6
+            texts = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]]
+            assert "".join(texts) == "a b a b a"
+            bad = await http.post("/v1/chat/completions", json={**chat, "responder": {"x": 1}})
+            assert bad.status_code == 400
+
+            async def leave(body: dict[str, object]) -> None:
+                with contextlib.suppress(httpx.TimeoutException):
+                    await http.post("/v1/chat/completions", json=body, timeout=0.2)
+
+            await leave({**chat, "responder": {"delay_ms": 5000}})
+            await leave({**chat, "stream": True, "responder": {"delay_ms": 5000}})
+            for _ in range(50):
+                stats = (await http.get("/stats")).json()
+                if stats["active"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert stats["answers_cut"] == 1 and stats["streams_cut"] == 1 and stats["active"] == 0
