@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--redis-url", required=True)
     purge.add_argument("--tenant")
     purge.add_argument("--namespace")
+    stats = cache_commands.add_parser("stats", help="count entries by tenant and/or namespace")
+    stats.add_argument("--redis-url", required=True)
+    stats.add_argument("--tenant")
+    stats.add_argument("--namespace")
 
     corpus = commands.add_parser("corpus", help="named corpora on a running proxy")
     from leangate import corpus_cli
@@ -149,24 +153,29 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    """``cache purge`` or ``cache stats``, straight on the Redis the proxies share."""
     import asyncio
 
     from leangate.cache.purge import purge
-    from leangate.cache.store import RedisStore
+    from leangate.cache.stats import count_entries
+    from leangate.cache.store import RedisStore, StoreError
 
-    async def run() -> int:
+    async def run() -> str:
         store = RedisStore(args.redis_url, timeout_s=5.0)
         try:
-            return await purge(store, tenant=args.tenant, namespace=args.namespace)
+            scope = {"tenant": args.tenant, "namespace": args.namespace}
+            if args.cache_command == "stats":
+                counts = await count_entries(store, **scope)
+                return f"{counts.answers} answers, {counts.semantic} semantic entries"
+            return f"deleted {await purge(store, **scope)} entries"
         finally:
             await store.close()
 
     try:
-        deleted = asyncio.run(run())
-    except ValueError as exc:
+        print(asyncio.run(run()))
+    except (ValueError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"deleted {deleted} entries")
     return 0
 
 
