@@ -103,6 +103,7 @@ async def test_a_repeated_stream_is_a_cache_hit(lg: Pipeline) -> None:
 async def test_closing_a_stream_early_cancels_the_backend_request(
     lg: Pipeline, vllm_url: str
 ) -> None:
+    assert await _settles_at_zero(vllm_url, 60), "vLLM is busy with another test's requests"
     stream = await lg.chat.completions.create(
         model=MODEL,
         messages=_question("Count to one thousand."),
@@ -114,11 +115,16 @@ async def test_closing_a_stream_early_cancels_the_backend_request(
         break
     assert await _running(vllm_url) >= 1
     await stream.close()
-    for _ in range(50):
+    assert await _settles_at_zero(vllm_url, 10), "vLLM generates on for a closed stream"
+
+
+async def _settles_at_zero(vllm_url: str, within_s: float) -> bool:
+    """Whether vLLM runs no request within ``within_s`` (its gauge follows its steps)."""
+    for _ in range(int(within_s * 10)):
         if await _running(vllm_url) == 0:
-            break
+            return True
         await asyncio.sleep(0.1)
-    assert await _running(vllm_url) == 0
+    return await _running(vllm_url) == 0
 
 
 async def _running(vllm_url: str) -> float:
