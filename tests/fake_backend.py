@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from conftest import MODEL
 
-from leangate.backend.transport import HttpxTransport
+from leangate.backend.transport import HttpxTransport, UpstreamResponse
 
 MODELS = {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 8192}]}
 
@@ -72,3 +72,22 @@ class StreamingMockTransport(httpx.MockTransport):
 def fake_transport() -> HttpxTransport:
     """A transport to the fake backend, for ``create_app`` or ``ProxyThread``."""
     return HttpxTransport(StreamingMockTransport(answer))
+
+
+class ChunkedResponse(UpstreamResponse):
+    """A 200 response whose body arrives in the given chunks (for the SSE relay)."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.status = 200
+        self.headers = {}
+        self._chunks = chunks
+
+    async def read(self) -> bytes:
+        return b"".join(self._chunks)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        pass

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
+from fake_backend import ChunkedResponse
 
 from leangate.backend.errors import BackendProtocolError
-from leangate.backend.transport import UpstreamResponse
 from leangate.middleware.app import _after_last_event, _RawRelay
 
 
@@ -26,31 +24,15 @@ def test_the_end_of_the_last_whole_event(data: bytes, end: int) -> None:
     assert _after_last_event(data) == end
 
 
-class _Chunks(UpstreamResponse):
-    def __init__(self, *chunks: bytes) -> None:
-        self.status = 200
-        self.headers = {}
-        self._chunks = chunks
-
-    async def read(self) -> bytes:
-        return b"".join(self._chunks)
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
-            yield chunk
-
-    async def aclose(self) -> None:
-        pass
-
-
 async def test_events_split_across_chunks_are_forwarded_whole() -> None:
-    relay = _RawRelay(_Chunks(b'data: {"a"', b':1}\n\ndata: {"b":2}\n', b"\ndata: [DONE]\n\n"))
+    chunks = (b'data: {"a"', b':1}\n\ndata: {"b":2}\n', b"\ndata: [DONE]\n\n")
+    relay = _RawRelay(ChunkedResponse(*chunks))
     sent = [chunk async for chunk in relay.chunks()]
     assert sent == [b'data: {"a":1}\n\n', b'data: {"b":2}\n\ndata: [DONE]\n\n']
 
 
 async def test_a_stream_without_done_raises_after_its_whole_events() -> None:
-    relay = _RawRelay(_Chunks(b'data: {"a":1}\n\ndata: {"b"'))
+    relay = _RawRelay(ChunkedResponse(b'data: {"a":1}\n\ndata: {"b"'))
     sent = []
     with pytest.raises(BackendProtocolError):
         async for chunk in relay.chunks():

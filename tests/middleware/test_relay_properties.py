@@ -8,37 +8,19 @@ whole events, and together they are the backend's stream. A stream cut before it
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 
 import pytest
+from fake_backend import ChunkedResponse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leangate.backend.errors import BackendProtocolError
 from leangate.backend.sse import EventParser
-from leangate.backend.transport import UpstreamResponse
 from leangate.middleware.app import _after_last_event, _RawRelay
 
 ENDINGS = (b"\n", b"\r\n", b"\r")
 SEPARATORS = (b"\n\n", b"\r\r", b"\n\r")
 """Two line endings in a row, in bytes: every blank line holds one of these."""
-
-
-class _Chunks(UpstreamResponse):
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.status = 200
-        self.headers = {}
-        self._chunks = chunks
-
-    async def read(self) -> bytes:
-        return b"".join(self._chunks)
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
-            yield chunk
-
-    async def aclose(self) -> None:
-        pass
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -88,7 +70,7 @@ async def _relayed(chunks: list[bytes]) -> tuple[list[bytes], bool]:
     """The pieces the relay sent, and whether it raised at the end."""
     sent: list[bytes] = []
     try:
-        async for piece in _RawRelay(_Chunks(chunks)).chunks():
+        async for piece in _RawRelay(ChunkedResponse(*chunks)).chunks():
             sent.append(piece)
     except BackendProtocolError:
         return sent, True
