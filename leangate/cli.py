@@ -1,4 +1,5 @@
-"""The ``leangate`` command: ``serve``, ``policy check``, ``corpus`` and ``bench <name>``."""
+"""The ``leangate`` command: ``serve``, ``up``, ``policy``, ``cache``, ``corpus``, ``model`` and
+``bench <name>``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "decompose": "leangate.bench.decompose",
     "rag": "leangate.bench.rag",
     "load": "leangate.bench.load",
+    "all": "leangate.bench.all_benchmarks",
 }
 
 
@@ -32,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "up": _up,
         "cache": _cache,
         "corpus": _corpus,
+        "model": _model,
     }[args.command]
     sys.exit(handler(args))
 
@@ -76,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     from leangate import corpus_cli
 
     corpus_cli.add_arguments(corpus)
+
+    model = commands.add_parser("model", help="the bundled model, its vLLM and the embedder")
+    from leangate import model_cli
+
+    model_cli.add_arguments(model)
 
     bench = commands.add_parser("bench", help="run a benchmark", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS))
@@ -183,6 +191,12 @@ def _corpus(args: argparse.Namespace) -> int:
     from leangate import corpus_cli
 
     return corpus_cli.run(args)
+
+
+def _model(args: argparse.Namespace) -> int:
+    from leangate import model_cli
+
+    return model_cli.run(args)
 
 
 def _bench(name: str, rest: Sequence[str]) -> None:

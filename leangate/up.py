@@ -1,8 +1,10 @@
 """``leangate up``: the bundled vLLM backend, the proxy in front of it, and a first request.
 
-This is the one command a new user runs: it shows the proxy working end to end (the second,
-identical request comes back from the cache; a question with documents attached gets only
-the sentences that answer it) and then keeps serving until Ctrl-C.
+This is the one command a new user runs: it shows every stage at work on a few requests (the
+second, identical request comes back from the cache; a long pasted handbook is cut to the
+sentences the question needs; a question with documents attached gets only the chunks that
+answer it; a list-like question is answered by Skeleton-of-Thought), prints what each
+saved, and then keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEMO_POLICY = """
-# leangate up's default: an exact result cache, then RAG context selection (it acts only
-# on requests that bring documents). Selection takes a few ms, but where vLLM runs on the
-# same cores (as `leangate up` starts it) its busy threads can starve it, so the demo
-# gives it a budget of seconds rather than the default 400 ms.
+# leangate up's default: an exact result cache, compression of pasted documents, RAG
+# context selection (it acts only on requests that bring documents), and Skeleton-of-Thought
+# when a request asks for it. The stages take milliseconds, but where vLLM runs on the same
+# cores (as `leangate up` starts it) its busy threads can starve them, so the demo gives
+# them budgets of seconds rather than their defaults.
 rules:
   - name: demo
-    stages: [{use: cache}, {use: rag, settings: {select_budget_ms: 5000}}]
+    stages:
+      - {use: cache}
+      - {use: compress, budget_ms: 5000}
+      - {use: rag, settings: {select_budget_ms: 5000}}
+      - {use: sot, budget_ms: 5000}
 """
 DEMO_DOCUMENTS = [
     {
@@ -58,6 +65,31 @@ DEMO_DOCUMENTS = [
         for n in range(6)
     ],
 ]
+
+
+HANDBOOK_TOWNS = ("Varell", "Quillon", "Tessaro", "Mardin", "Oskel", "Pelto", "Runa", "Sable")
+
+
+def demo_handbook() -> str:
+    """A pasted travel handbook of about 1,500 tokens: long enough for compression to pay."""
+    sections = []
+    for n, town in enumerate(HANDBOOK_TOWNS):
+        sections.append(
+            f"## {town}\n"
+            f"{town} lies {n + 3} leagues north of the coast road. "
+            f"Its old bridge was rebuilt in the year {1700 + 13 * n}. "
+            f"The town council meets on the {n + 1}th day of each month. "
+            f"Visitors praise its bakeries, which open at {n % 4 + 5} in the morning. "
+            f"The museum of {town} keeps a collection of {40 + 7 * n} painted maps. "
+            f"A night watch walks the walls of {town} from dusk until the bells at midnight. "
+            f"Its river floods in spring, and the lower streets close for {n + 2} weeks. "
+            f"The inn by the east gate of {town} has {n + 8} rooms and a stable for twelve horses."
+        )
+    sections[0] += (
+        " The Varell ferry leaves the harbour at noon and reaches Quillon at three. "
+        "Ferry tickets cost four crowns at the harbour kiosk."
+    )
+    return "\n\n".join(sections)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,9 +133,8 @@ def _serve_with_demo(settings: Settings, *, once: bool) -> int:
 
 
 def _demo(server: uvicorn.Server, settings: Settings, once: bool, outcome: list[bool]) -> None:
-    """Two identical requests through the proxy (the second is a cache hit), then one with
-    documents attached (RAG sends only what answers it). Plain httpx, not the openai
-    package: the proxy's process never imports it."""
+    """A few requests through the proxy, each showing one stage and what it saved. Plain
+    httpx, not the openai package: the proxy's process never imports it."""
     import httpx
 
     while not server.started:
@@ -114,16 +145,8 @@ def _demo(server: uvicorn.Server, settings: Settings, once: bool, outcome: list[
     try:
         with httpx.Client(base_url=base, timeout=300) as client:
             model = client.get("/models").raise_for_status().json()["data"][0]["id"]
-            question = "In one sentence, what is a cache?"
-            for attempt in ("first", "second"):
-                _ask(client, f"[{attempt} request]", model, question, {})
-            _ask(
-                client,
-                "[with documents]",
-                model,
-                "When does the Varell ferry leave, and what do tickets cost?",
-                {"documents": DEMO_DOCUMENTS},
-            )
+            for label, question, options, max_tokens in _demo_requests():
+                _ask(client, label, model, question, options, max_tokens)
         outcome.append(True)
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         print(f"the demo request failed: {exc}", file=sys.stderr)
@@ -134,12 +157,41 @@ def _demo(server: uvicorn.Server, settings: Settings, once: bool, outcome: list[
         print(f"\nleangate is serving at {base} (Ctrl-C to stop). Point your OpenAI client there.")
 
 
-def _ask(client: Any, label: str, model: str, question: str, options: dict[str, Any]) -> None:
+def _demo_requests() -> list[tuple[str, str, dict[str, Any], int]]:
+    """(label, user message, leangate options, max_tokens) of each demo request."""
+    cache_question = "In one sentence, what is a cache?"
+    pasted = (
+        "Answer from the travel handbook below.\n\n"
+        f"{demo_handbook()}\n\n"
+        "When does the Varell ferry leave, and what do tickets cost?"
+    )
+    return [
+        ("[first request]", cache_question, {}, 48),
+        ("[second request]", cache_question, {}, 48),
+        ("[pasted document]", pasted, {}, 48),
+        (
+            "[with documents]",
+            "When does the Varell ferry leave, and what do tickets cost?",
+            {"documents": DEMO_DOCUMENTS},
+            48,
+        ),
+        (
+            "[planner]",
+            "What are some tips for keeping a small kitchen tidy?",
+            {"planner": "sot"},
+            160,
+        ),
+    ]
+
+
+def _ask(
+    client: Any, label: str, model: str, question: str, options: dict[str, Any], max_tokens: int
+) -> None:
     """One request, and what leangate did with it (from its response headers)."""
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": question}],
-        "max_tokens": 48,
+        "max_tokens": max_tokens,
         "temperature": 0,
     }
     if options:
@@ -148,8 +200,37 @@ def _ask(client: Any, label: str, model: str, question: str, options: dict[str, 
     response = client.post("/chat/completions", json=body).raise_for_status()
     answer = response.json()["choices"][0]["message"]["content"]
     took = (time.perf_counter() - started) * 1000
-    did = [f"cache: {response.headers.get('x-leangate-cache', '-')}"]
-    if "x-leangate-rag" in response.headers:
-        did.append(f"rag: {response.headers['x-leangate-rag']}")
-        did.append(f"cited: {response.headers.get('x-leangate-citations', '')}")
-    print(f"{label} {took:.1f} ms, {'; '.join(did)}\n  Q: {question}\n  A: {answer}")
+    shown = (
+        question
+        if len(question) < 200
+        else f"({len(question):,} characters) ...{question[-60:].strip()}"
+    )
+    print(f"{label} {took:.1f} ms")
+    for line in describe(response.headers):
+        print(f"  {line}")
+    print(f"  Q: {shown}\n  A: {answer.strip()}")
+
+
+STAGE_HEADERS = {
+    "cache": "x-leangate-cache",
+    "compress": "x-leangate-compress",
+    "rag": "x-leangate-rag",
+    "cited": "x-leangate-citations",
+    "plan": "x-leangate-plan",
+}
+
+
+def describe(headers: Any) -> list[str]:
+    """What each stage did (its header) and, where it cut the prompt, the tokens it saved."""
+    lines = []
+    for name, header in STAGE_HEADERS.items():
+        value = headers.get(header)
+        if value is None:
+            continue
+        lines.append(f"{name}: {value}")
+        fields = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
+        if "tokens_before" in fields and "tokens_after" in fields:
+            saved = int(fields["tokens_before"]) - int(fields["tokens_after"])
+            if saved > 0:
+                lines.append(f"  saved {saved:,} of {int(fields['tokens_before']):,} prompt tokens")
+    return lines

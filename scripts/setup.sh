@@ -21,11 +21,4 @@ fi
 
 # The embedder runs on ONNX Runtime from a one-time export of the bundled MiniLM; make it
 # here rather than inside the first test or request that loads the embedder.
-.venv/bin/python - <<'PY'
-from leangate.cache.embedder import Embedder
-
-embedder = Embedder()
-embedder.load()
-print("==> embedder ready on", embedder.backend)
-embedder.close()
-PY
+.venv/bin/leangate model prepare --only embedder

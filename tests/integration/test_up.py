@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_up_serves_a_request_and_the_repeat_from_cache(vllm_url: str) -> None:
+def test_up_shows_every_stage_at_work(vllm_url: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -29,3 +29,7 @@ def test_up_serves_a_request_and_the_repeat_from_cache(vllm_url: str) -> None:
     assert "[with documents]" in done.stdout and "rag: selected;" in done.stdout
     cited = done.stdout.split("cited: ")[1].split("\n")[0].split(", ")
     assert "ferries#0" in cited
+    pasted = done.stdout.split("[pasted document]")[1].split("[with documents]")[0]
+    assert "compress: compressed;" in pasted and "prompt tokens" in pasted
+    planned = done.stdout.split("[planner]")[1]
+    assert "plan: sot; reason=request-sot" in planned
