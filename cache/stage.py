@@ -99,6 +99,7 @@ class CacheStage:
         self.settings = settings
         self.cache: CacheServices = services.cache
         self.metrics = services.metrics
+        self.services = services
         self.verifier = Verifier(settings.verifier)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
@@ -193,13 +194,22 @@ class CacheStage:
 
     def _serve(self, ctx: RequestContext, answer: bytes, how: str) -> Result:
         ctx.response_headers[CACHE_HEADER] = how
+        decoded = orjson.loads(answer)
+        self._count_saved(decoded.get("usage"))
         if not ctx.stream:
             return JsonResult(answer)
         options = ctx.body.get("stream_options") or {}
-        events = to_events(
-            ctx.route, orjson.loads(answer), include_usage=bool(options.get("include_usage"))
-        )
+        events = to_events(ctx.route, decoded, include_usage=bool(options.get("include_usage")))
         return StreamResult(_iterate(events))
+
+    def _count_saved(self, usage: object) -> None:
+        """A hit saves the backend the whole answer: the profile's time for its tokens."""
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int):
+            saved = self.services.profile.predict(prompt, completion)
+            self.metrics.stage_saved(self.name, saved)
 
     # --- following ---------------------------------------------------------------------------
 

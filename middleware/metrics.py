@@ -138,8 +138,9 @@ class Metrics:
         )
         self.saved_seconds = Counter(
             "leangate_stage_saved_seconds",
-            "Backend time a stage saved by shortening prompts, estimated by the backend "
-            "profile (uncalibrated: at a fast assumed prefill speed), less its own time",
+            "Backend time a stage saved, estimated by the backend profile (uncalibrated: at "
+            "a fast assumed prefill speed): shorter prompts less the stage's own time "
+            "(compress, rag), answers from the cache, SoT against its predicted direct answer",
             ["stage"],
             registry=r,
         )

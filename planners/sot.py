@@ -163,6 +163,8 @@ class SotStage:
             self._points_expected += 0.1 * (len(answer.points) - self._points_expected)
         actual = time.perf_counter() - answer.started
         self.services.metrics.planner_timed(self.name, decision.sot_s, actual)
+        if decision.direct_s:
+            self.services.metrics.stage_saved(self.name, decision.direct_s - actual)
 
 
 class _Answer:

@@ -95,6 +95,22 @@ def test_exact_hit_after_miss(cached: ProxyThread) -> None:
     assert second.headers["server-timing"].startswith("cache;dur=")
 
 
+def _saved_seconds(proxy: ProxyThread) -> float:
+    text = httpx.get(proxy.url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith('leangate_stage_saved_seconds_total{stage="cache"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_hit_counts_the_backend_time_it_saved(cached: ProxyThread) -> None:
+    body = _chat(f"Say goodbye to {_unique()}.")
+    _post(cached, body)
+    before = _saved_seconds(cached)
+    assert _post(cached, body).headers["x-leangate-cache"] == "hit-exact"
+    assert _saved_seconds(cached) > before
+
+
 def test_non_deterministic_requests_bypass(cached: ProxyThread) -> None:
     body = _chat(f"Tell me about {_unique()}.", temperature=0.7)
     assert _post(cached, body).headers["x-leangate-cache"] == "bypass"
