@@ -8,7 +8,9 @@ Four parts, each against a baseline measured in the same run:
    split by duplicate cluster into a tuning part and a held-out part nobody tuned on, with
    cross-pair negatives. The QQP figures are given for the default verifier (``qqp_*``), the
    strict preset (``qqp_strict_*``) and a plain cosine threshold (``qqp_cosine_*``, chosen on
-   the tuning part for precision 0.99). Absent data is named in ``quality_missing``.
+   the tuning part for precision 0.99), and that baseline's precision and recall on the
+   held-out part at every threshold from 0.60 to 1.00 (``qqp_cosine_holdout_curve``).
+   Absent data is named in ``quality_missing``.
 2. *hits* (real vLLM, Redis): exact and semantic hits through the proxy, interleaved with
    the same requests sent directly to vLLM; p50s and the speed-up over direct.
 3. *misses* (minimal responder, Redis): a proxy with the cache (exact, then exact plus
@@ -223,11 +225,40 @@ def _qqp_figures(tune: Prepared, holdout: Prepared) -> dict[str, object]:
             figures[f"{prefix}_{part}_recall"] = rounded(m.recall)
             figures[f"{prefix}_{part}_cross_false_hit_rate"] = rounded(m.cross_false_hit_rate)
     figures["qqp_cross_false_hit_rate"] = figures["qqp_holdout_cross_false_hit_rate"]
+    figures["qqp_cosine_holdout_curve"] = cosine_curve(holdout)
     held = holdout.lookups
     figures["qqp_holdout_paraphrases"] = sum(lk.query.kind == "paraphrase" for lk in held)
     figures["qqp_holdout_cross_negatives"] = sum(lk.query.kind == "cross" for lk in held)
     figures["qqp_holdout_entries"] = holdout.n_entries
     return figures
+
+
+CURVE_THRESHOLDS = tuple(round(0.6 + 0.01 * step, 2) for step in range(41))
+"""0.60 to 1.00: below 0.6 a plain cosine serves nearly every neighbour on QQP."""
+
+
+def cosine_curve(
+    holdout: Prepared, thresholds: Sequence[float] = CURVE_THRESHOLDS
+) -> list[dict[str, float]]:
+    """Precision and recall of a plain cosine threshold on the held-out part, threshold by
+    threshold: the trade-off any single threshold picks one point of, which the verifier's
+    figures (``qqp_holdout_*``) are read against. Replayed over the neighbours already
+    searched, so it costs no embedding."""
+    from leangate.cache.semantic_eval import CosineThreshold, score
+
+    points: list[dict[str, float]] = []
+    for threshold in thresholds:
+        held = score(holdout, CosineThreshold(threshold), holdout=True).splits["holdout"]
+        points.append(
+            {
+                "threshold": threshold,
+                "precision": rounded(held.precision),
+                "recall": rounded(held.recall),
+                "cross_false_hit_rate": rounded(held.cross_false_hit_rate),
+                "hits": held.hits,
+            }
+        )
+    return points
 
 
 # --- 2. hits ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ interleaved rounds (direct, proxy, direct, proxy, ...) after a warm-up:
    aiohttp relay (``bench/_relay.py``) run beside it against the same responder.
 2. *vllm*: against the real vLLM server at concurrency 1 and 64 with identical work
    per request (``temperature 0``, ``ignore_eos``, fixed ``max_tokens``): throughput
-   and p50-latency ratios proxy / direct.
+   and p50-latency ratios proxy / direct (also as rows, ``by_concurrency``).
 
 Differences and ratios are taken per round pair (each proxy round against the direct
 round just before it) and the median over pairs is reported, which cancels the slow
@@ -704,6 +704,10 @@ def _vllm_figures(
     return {
         **figures(c1, "c1"),
         **figures(cn, f"c{args.concurrency}"),
+        "by_concurrency": [
+            _concurrency_point(c1, 1),
+            _concurrency_point(cn, args.concurrency),
+        ],
         "vllm_rounds": rounds,
         "vllm_model": model,
         "vllm_max_tokens": args.max_tokens,
@@ -713,6 +717,21 @@ def _vllm_figures(
             cn["direct"][0].requests if cn["direct"] else 0
         ),
         "vllm_errors": _check_errors(c1, "vllm c1") + _check_errors(cn, "vllm cN"),
+    }
+
+
+def _concurrency_point(phase: dict[str, list[RoundStats]], concurrency: int) -> dict[str, object]:
+    """One concurrency's figures as a row, so that a report can plot the proxy's overhead
+    against concurrency without knowing the ``_c1``/``_c64`` key suffixes."""
+    direct, proxy = phase["direct"], phase["proxy"]
+    return {
+        "concurrency": concurrency,
+        "latency_ratio": rounded(_paired_ratio(direct, proxy, "p50_ms")),
+        "throughput_ratio": rounded(_paired_ratio(direct, proxy, "throughput")),
+        "direct_p50_ms": rounded(_median_of(direct, "p50_ms"), 2),
+        "proxy_p50_ms": rounded(_median_of(proxy, "p50_ms"), 2),
+        "direct_rps": rounded(_median_of(direct, "throughput"), 2),
+        "proxy_rps": rounded(_median_of(proxy, "throughput"), 2),
     }
 
 

@@ -15,7 +15,8 @@ and FastChat's reference answers in ``<data-dir>/fastchat/`` for coverage where 
    the question itself otherwise (FastChat's references cover only math, reasoning and code,
    which the router keeps direct); ``coverage_delta_median`` is SoT's minus the direct
    answer's, ``coverage_references`` how many had a reference answer. SoT's similarity to
-   the direct answer is reported beside it.
+   the direct answer is reported beside it. ``by_category``: the median speed-up per
+   question category (Vicuna-80's categories; WizardLM's questions are "wizardlm").
 3. *cost model*: for router-positive questions the proxy's predictions (``x-leangate-plan``)
    are compared with which arm was really faster (a forced-SoT proxy measures the SoT arm
    when the cost model chose direct): ``cost_model_agreement``.
@@ -98,8 +99,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         positives = rng.sample([q for q, r in zip(questions, routed, strict=True) if r], count)
         negatives = rng.sample([q for q, r in zip(questions, routed, strict=True) if not r], count)
         references = _references(args.data_dir)
+        categories = question_categories(args.data_dir, rows)
         with backend_urls(args) as urls:
-            result.update(_speed(urls, positives, negatives, references, embedder, args.max_tokens))
+            result.update(
+                _speed(
+                    urls, positives, negatives, references, embedder, args.max_tokens, categories
+                )
+            )
     result["duration_s"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine_info()
     return result
@@ -201,6 +207,7 @@ def _speed(
     references: dict[str, str],
     embedder: Any,
     max_tokens: int,
+    categories: dict[str, str],
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         auto, forced = Path(folder) / "auto.yaml", Path(folder) / "always.yaml"
@@ -221,7 +228,9 @@ def _speed(
                 _ttft_ratio(http, urls[0], always.url, q, max_tokens, first_direct=bool(i % 2))
                 for i, q in enumerate(positives[: max(2, len(positives) // 2)])
             ]
-    return _figures(rows, ttft, references, embedder)
+    figures = _figures(rows, ttft, references, embedder)
+    figures["by_category"] = by_category(rows, categories)
+    return figures
 
 
 def _compare(
@@ -294,6 +303,46 @@ def _figures(
         "cost_model_judged": len(agree),
         "questions_per_group": len(rows) // 2,
     }
+
+
+def question_categories(data_dir: Path, rows: list[tuple[str, int, str]]) -> dict[str, str]:
+    """Each labelled question's category: Vicuna-80's own, from FastChat's question file
+    (generic, knowledge, fermi, ...), else the name of its set ("wizardlm"), whose questions
+    carry none. SoT pays on some kinds of question and not others, so speed-ups are also
+    reported per category."""
+    path = data_dir / "fastchat" / "vicuna_bench_question.jsonl"
+    known: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            known[item["turns"][0].strip()] = str(item["category"])
+    return {
+        question: known.get(question.strip(), set_name.split("_")[0])
+        for question, _, set_name in rows
+    }
+
+
+def by_category(rows: list[dict[str, Any]], categories: dict[str, str]) -> list[dict[str, object]]:
+    """Median speed-up (direct / leangate) per question category, both router groups
+    together, with how many questions each median rests on and the share SoT answered."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault(categories.get(row["question"], "unknown"), []).append(row)
+    return [
+        {
+            "category": category,
+            "questions": len(members),
+            "positives": sum(r["group"] == "positive" for r in members),
+            "speedup_median": rounded(
+                statistics.median(r["direct"]["s"] / r["leangate"]["s"] for r in members), 3
+            ),
+            "sot_share": rounded(
+                sum(r["leangate"]["plan"].get("decision") == "sot" for r in members) / len(members),
+                3,
+            ),
+        }
+        for category, members in sorted(grouped.items())
+    ]
 
 
 def _agreement(row: dict[str, Any]) -> list[bool]:
