@@ -153,19 +153,34 @@ class _AiohttpResponse(UpstreamResponse):
         )
 
 
+KEEPALIVE_S = 4.0
+"""How long an idle pooled connection is kept: under vLLM's own 5 s (uvicorn's
+``timeout_keep_alive``, ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so that the proxy closes first.
+A connection the server closes just as the proxy sends on it fails the request with a 502
+that is not retried (bytes were sent). At any load worth a pool, connections are reused
+long before; after a burst, the idle ones close within a few seconds."""
+
+
 class AiohttpTransport(Transport):
     """A pooled keep-alive aiohttp session."""
 
-    def __init__(self, *, connect_timeout_s: float = 5.0, pool_size: int = 512) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        pool_size: int = 512,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._pool_size = pool_size
+        self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[bool, float], aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300
+                limit=self._pool_size, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -26,8 +26,8 @@ Parts (``--parts``):
    descriptors and sockets before the load (once each proxy has answered a few requests, so
    that what it opens on first use and keeps is in the baseline), at its peak, and after it
    stopped: the client connections are closed and the proxies are given ``--settle-s``
-   (75 s) to close their idle backend connections (aiohttp's keep-alive is 30 s), after
-   which they must be back at the baseline. Sockets are told apart (clients, backends,
+   (75 s) to close their idle connections (backends: a 4 s keep-alive; Redis: 30 s idle),
+   after which they must be back at the baseline. Sockets are told apart (clients, backends,
    Redis, listening, other) from ``/proc/net/tcp``; ``soak_fds_excess`` is what was left.
 
 ``--soak`` is the soak mode (``--parts soak``, 600 s unless ``--soak-s`` says otherwise);

@@ -12,6 +12,8 @@ import asyncio
 import fnmatch
 import heapq
 import itertools
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator
@@ -22,10 +24,13 @@ import redis.asyncio as aioredis
 from cachetools import Cache, TLRUCache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 100_000
 READ_COUNT = 500
@@ -83,47 +88,147 @@ class Store(ABC):
         pass
 
 
+# --- Redis connections -----------------------------------------------------------------------
+
+REDIS_IDLE_S = 30.0
+"""A pooled Redis connection unused this long is closed (it reconnects on its next use)."""
+MIN_SWEEP_S = 1.0
+"""The shortest wait between two sweeps (``idle_s`` if shorter): due ones close together."""
+
+
+class IdleClosingPool(aioredis.BlockingConnectionPool):
+    """A blocking pool that closes the connections left idle for ``idle_s``.
+
+    redis-py never closes a pooled connection, so a pool keeps as many as were ever in use
+    at once: after a burst at concurrency 256, 256 sockets for the life of the process
+    (``leangate bench load --soak``: 52 Redis sockets, of 2 before it, 75 s after the
+    load; 0 after 31 s with the sweep). A sweep, timed for when the least recently used
+    idle connection is due (the pool hands out the most recently used first, so the
+    others age), disconnects those unused for ``idle_s``. They stay in the pool,
+    disconnected, and reconnect when next taken. The sweep holds the pool's condition, as
+    taking and returning a connection do, so it never closes one a command has just taken.
+    """
+
+    def __init__(self, *, idle_s: float = REDIS_IDLE_S, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.idle_s = idle_s
+        self._used: dict[AbstractConnection, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweeping: asyncio.Task[None] | None = None
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._used[connection] = time.monotonic()
+        await super().release(connection)
+        if self._sweep is None and self._sweeping is None:
+            self._schedule(self.idle_s)
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        await super().disconnect(inuse_connections)
+
+    async def close_idle(self) -> int:
+        """Disconnect the pooled connections unused for ``idle_s``; returns how many."""
+        cutoff = time.monotonic() - self.idle_s
+        async with self._condition:
+            idle = [c for c in self._idle_connected() if self._used.get(c, cutoff) <= cutoff]
+            for connection in idle:
+                await connection.disconnect(nowait=True)
+        return len(idle)
+
+    def _idle_connected(self) -> list[AbstractConnection]:
+        return [c for c in self._available_connections if c.is_connected]
+
+    def _schedule(self, delay_s: float) -> None:
+        self._sweep = asyncio.get_running_loop().call_later(delay_s, self._start_sweep)
+
+    def _start_sweep(self) -> None:
+        self._sweep = None
+        self._sweeping = asyncio.get_running_loop().create_task(
+            self._sweep_idle(), name="redis-idle-sweep"
+        )
+
+    async def _sweep_idle(self) -> None:
+        """Close what is due, then wait for the next one due; with nothing connected left
+        idle, the next connection returned starts the timer again."""
+        try:
+            await self.close_idle()
+        except Exception as exc:  # a socket that fails to close is closed anyway
+            log.debug("closing idle Redis connections failed: %r", exc)
+        finally:
+            self._sweeping = None
+        now = time.monotonic()
+        used = [self._used.get(c, now) for c in self._idle_connected()]
+        if used and self._sweep is None:
+            self._schedule(max(min(used) + self.idle_s - now, min(MIN_SWEEP_S, self.idle_s)))
+
+
+def redis_client(
+    url: str,
+    *,
+    timeout_s: float | None,
+    connect_timeout_s: float | None = None,
+    max_connections: int = 256,
+    wait_s: float = 5.0,
+    idle_s: float = REDIS_IDLE_S,
+    **options: Any,
+) -> Any:
+    """An asyncio Redis client on an ``IdleClosingPool``: the proxy's one way to open one
+    (the cache, keys and limits, corpora), so that all of them behave alike.
+
+    * The pool waits up to ``wait_s`` for a free connection rather than failing: at 256
+      requests at once, a pool that raised "too many connections" opened the cache's
+      breaker and switched the cache off (``leangate bench load``: hit ratio 0.02 of a
+      possible 0.48; 0.47 blocking).
+    * A command that fails on a broken connection is sent once more, at once, on a new
+      one. After a restart of Redis every pooled connection is stale and fails on its
+      first use: without the retry each of them cost a failed call. A dead Redis still
+      fails at once (the new connection is refused). Callers send only commands that may
+      run twice, or say why it does no harm.
+    * Connections unused for ``idle_s`` are closed (``IdleClosingPool``).
+
+    ``options`` go to redis-py's connections (``health_check_interval``, ``client_name``).
+    Returned as ``Any``: redis-py's annotations cover its sync and async clients at once,
+    and mypy would insist that awaited results may be plain values.
+    """
+    pool = IdleClosingPool.from_url(
+        url,
+        idle_s=idle_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s if connect_timeout_s is None else connect_timeout_s,
+        max_connections=max_connections,
+        timeout=wait_s,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        **options,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 class RedisStore(Store):
     """redis-py's asyncio client; every Redis failure surfaces as ``StoreError``.
 
-    Short socket timeouts keep a slow Redis from holding requests: the cache stage's time
-    budget is the real limit, and the pool reconnects by itself once Redis is back. The
-    pool waits for a free connection rather than failing: at 256 requests at once, a pool
-    that raised "too many connections" opened the breaker and switched the cache off
-    (``leangate bench load``: hit ratio 0.02 of a possible 0.48; 0.47 blocking).
+    Its connections come from ``redis_client`` (a blocking pool of 256 that retries a
+    command once on a stale connection and closes the connections left idle). Short
+    socket timeouts keep a slow Redis from holding requests: the cache stage's time budget
+    is the real limit, and the pool reconnects by itself once Redis is back.
 
-    A command that fails on a broken connection is sent once more, at once, on a new one.
-    After a restart of Redis every pooled connection is stale and fails on its first use:
-    without the retry each of them cost a failed call (and reopened the breaker) before
-    the cache came back. A dead Redis still fails at once (the new connection is
-    refused). All commands here are idempotent but two, which run twice only if the
-    connection broke after Redis ran them: ``publish`` (the event twice: followers ignore
-    the repeat) and ``index_pop_oldest`` (more of the oldest semantic entries leave the
-    bound's index than asked).
+    All commands here are idempotent but two, which run twice only if the connection
+    broke after Redis ran them: ``publish`` (the event twice: followers ignore the repeat)
+    and ``index_pop_oldest`` (more of the oldest semantic entries leave the bound's index
+    than asked).
     """
 
     kind = "redis"
 
-    def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
-        # redis-py's annotations cover its sync and async clients at once; Any keeps
-        # mypy from insisting that awaited results may be plain values.
-        self._redis: Any = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                health_check_interval=10,
-                max_connections=256,
-                timeout=5,
-                retry=Retry(NoBackoff(), 1),
-                retry_on_error=[RedisConnectionError],
-            )
+    def __init__(self, url: str, *, timeout_s: float = 0.5, idle_s: float = REDIS_IDLE_S) -> None:
+        self._redis: Any = redis_client(
+            url, timeout_s=timeout_s, idle_s=idle_s, health_check_interval=10
         )
-        self._blocking: Any = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
+        # XREAD blocks for longer than any socket timeout; one follower uses it.
+        self._blocking: Any = redis_client(
+            url, timeout_s=None, connect_timeout_s=timeout_s, idle_s=idle_s
         )
 
     async def get(self, key: str) -> bytes | None:

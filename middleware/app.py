@@ -11,9 +11,10 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -21,7 +22,7 @@ from starlette.datastructures import Headers, State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from leangate.backend.errors import BackendError, BackendProtocolError
 from leangate.backend.sse import DONE_EVENT, encode_event
@@ -37,6 +38,7 @@ from leangate.middleware.errors import (
     InvalidRequest,
     PayloadTooLarge,
     ProxyError,
+    ShuttingDown,
     describe_validation_error,
     error_response,
     stream_error_payload,
@@ -255,12 +257,65 @@ def _render(result: Result, ctx: RequestContext, metrics: Metrics, labels: _Labe
     if ctx.timings:
         headers["server-timing"] = server_timing(ctx.timings)
     if isinstance(result, StreamResult):
-        return StreamingResponse(
+        return _EventStream(
             _sse(result, metrics, labels),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
+            on_cut=metrics.stream_errors.labels(labels.route).inc,
         )
     return Response(result.body, result.status, headers=headers, media_type="application/json")
+
+
+SHUTDOWN_EVENT = encode_event(
+    stream_error_payload(ShuttingDown("the server is shutting down and cut this stream; retry"))
+)
+
+
+class _EventStream(StreamingResponse):
+    """An event stream that ends with an error event when the server cuts it.
+
+    On SIGTERM uvicorn waits ``LEANGATE_DRAIN_TIMEOUT_S`` for the requests in flight, then
+    cancels their tasks; nothing else cancels a request's task once its response started
+    (the client watch stops before). The cancellation reaches the task serving the
+    connection once the stream's own task (starlette runs it in a task group) has stopped
+    after its last whole event, so that task sends the stream's end: the error event
+    ``stream_error_payload`` writes for any failure mid-stream, then the end of the
+    chunked body. The client reads an error and no ``[DONE]``, instead of a body cut
+    short. The cancellation is then handled: the response is complete and the request's
+    scope closes as after any response.
+    """
+
+    def __init__(self, *args: Any, on_cut: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_cut = on_cut
+        self._open = False  # the headers are sent, the last part is not
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self._open:
+                raise
+            self._open = False
+            self._on_cut()
+            await send({"type": "http.response.body", "body": SHUTDOWN_EVENT, "more_body": False})
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, noting whether the stream is open (its chunks are all bytes)."""
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+        await send(start)
+        self._open = True
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self._open = False
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def server_timing(timings: dict[str, float]) -> str:

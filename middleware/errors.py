@@ -8,7 +8,8 @@ come from the tree in ``leangate.backend.errors``, edge errors from ``ProxyError
     ├── Unauthorized               missing or unknown API key                  → 401
     ├── PayloadTooLarge            body or request over a configured limit     → 413
     ├── RateLimited                over a tenant's rate or concurrency limit   → 429
-    └── ClientGone                 the client left before its answer (never sent) → 499
+    ├── ClientGone                 the client left before its answer (never sent) → 499
+    └── ShuttingDown               the server stopped before the answer's end  → 503
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ class ClientGone(ProxyError):
     code = "client_closed_request"
 
 
+class ShuttingDown(ProxyError):
+    """Sent as a stream's last event when the server cuts it at its drain timeout."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "server_shutting_down"
+
+
 def error_payload(message: str, error_type: str, code: str | int | None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": error_type, "code": code}})
 
@@ -105,4 +114,6 @@ def stream_error_payload(exc: BaseException) -> bytes:
     """The payload of the last event of a stream that failed after it started."""
     if isinstance(exc, BackendError):
         return error_payload(str(exc) or type(exc).__name__, exc.error_type, exc.status_code)
+    if isinstance(exc, ProxyError):
+        return error_payload(exc.message, exc.error_type, exc.code)
     return error_payload("internal error in the proxy", "internal_error", 500)

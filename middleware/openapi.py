@@ -263,7 +263,11 @@ def _corpus_paths() -> dict[str, Schema]:
                 "Add documents",
                 AddRequest,
                 ADDED,
-                {**CORPUS_ERRORS, "409": "An id is stored"},
+                {
+                    **CORPUS_ERRORS,
+                    "409": "An id is stored",
+                    "413": "The body is over the limit, or its documents' text is",
+                },
                 name,
             ),
             "delete": delete,

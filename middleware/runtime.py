@@ -14,17 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.retry import Retry
-
 from leangate.backend.client import BackendClient
 from leangate.backend.tokenizer import Tokenizer
 from leangate.backend.transport import Transport
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
-from leangate.cache.store import open_store
+from leangate.cache.store import open_store, redis_client
 from leangate.middleware.chains import PolicyWatcher
 from leangate.middleware.gateway import Gateway
 from leangate.middleware.keys import KeyStore
@@ -110,15 +105,7 @@ async def open_runtime(
 
 def _redis_client(url: str | None) -> Any:
     """The client of API keys and limits (short timeouts: both sit on every request)."""
-    if url is None:
-        return None
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), 1),  # a connection left stale by a Redis restart: once more
-        retry_on_error=[RedisConnectionError],
-    )
+    return None if url is None else redis_client(url, timeout_s=0.5, wait_s=0.5)
 
 
 def _corpus_settings(settings: Settings) -> CorpusSettings:

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
+
+from leangate.cache.store import redis_client
 
 from .chunks import Chunk, chunk_id
 
@@ -155,10 +156,12 @@ def _vector_rows(raw: Sequence[bytes], dim: int) -> np.ndarray:
 class RedisChunkStore(ChunkStore):
     def __init__(self, url: str, dim: int, *, timeout_s: float = 5.0) -> None:
         self.dim = dim
-        # redis-py's annotations cover its sync and async clients at once (see cache/store.py).
-        self._redis: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        # The proxy's Redis client (``redis_client``): a stale connection left by a restart
+        # of Redis costs a retry, not a failed call (it was a 503). Every command here may
+        # run twice: reads, and transactions (put, remove, drop), which run twice only if
+        # the connection broke after Redis ran them: the version is bumped once more (an
+        # index rebuilt for nothing), or ``drop`` reports the corpus already gone.
+        self._redis: Any = redis_client(url, timeout_s=timeout_s)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import Callable
 
 import httpx
@@ -17,6 +20,8 @@ from leangate.backend.errors import (
 )
 from leangate.backend.sse import iter_events
 from leangate.backend.transport import HttpxTransport
+from leangate.bench.load import fd_census
+from leangate.bench.responder import ResponderConfig, start_responder
 
 MODELS = {"object": "list", "data": [{"id": "m", "object": "model"}]}
 
@@ -139,3 +144,47 @@ async def test_sse_parser_rejects_a_stream_without_done() -> None:
 
     with pytest.raises(BackendProtocolError):
         _ = [e async for e in iter_events(_chunks(b'data: {"a":1}\n\n'))]
+
+
+def _sockets_to(port: int) -> int:
+    """This process's open TCP sockets whose peer is ``port`` (from /proc)."""
+    census = fd_census(os.getpid(), own_port=port, backend_ports={port}, redis_port=-1)
+    return census["sockets_backends"]
+
+
+async def test_idle_request_connections_close_while_probes_go_on() -> None:
+    """Health checks and load polls every 20 ms, a keep-alive of 0.3 s: the 8 connections
+    of a burst close once idle. When probes shared the requests' pool, aiohttp handed
+    them the idle connection that waited longest, so each was touched every 0.1 s and
+    none ever closed (``leangate bench load --soak``: 20 of them after the load)."""
+    server = await start_responder(ResponderConfig(model="m", answer_delay_ms=100.0))
+    port = server.sockets[0].getsockname()[1]
+    settings = BackendSettings(
+        urls=[f"http://127.0.0.1:{port}"],
+        health_interval_s=0.02,
+        load_poll_s=0.02,
+        keepalive_s=0.3,
+    )
+    client = BackendClient(settings)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+    async def ask() -> bytes:
+        response = await client.send("/v1/chat/completions", body, model="m", stream=False)
+        return await response.read()
+
+    try:
+        await client.start()
+        answers = await asyncio.gather(*(ask() for _ in range(8)))
+        assert all(b"Hello" in a for a in answers)
+        assert _sockets_to(port) >= 8
+        started = time.monotonic()
+        while _sockets_to(port) > 2:
+            assert time.monotonic() - started < 3.0, f"{_sockets_to(port)} connections stay open"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert _sockets_to(port) <= 2, "the probes keep at most one connection each"
+        assert client.ready, "and the replica stays healthy"
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()

@@ -4,6 +4,7 @@ semantic index's consistency with the store. Redis is the real one."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import time
@@ -13,14 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from conftest import free_port, start_redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from leangate.cache.embedder import Embedding
 from leangate.cache.intermediate import IntermediateCache
 from leangate.cache.purge import purge
 from leangate.cache.semantic import Entry, SemanticCache, SemanticSettings
 from leangate.cache.services import CacheServices
-from leangate.cache.store import READ_COUNT, MemoryStore, MemoryStoreSettings, RedisStore, Store
+from leangate.cache.store import (
+    READ_COUNT,
+    IdleClosingPool,
+    MemoryStore,
+    MemoryStoreSettings,
+    RedisStore,
+    Store,
+    redis_client,
+)
 from leangate.middleware.metrics import Metrics
 
 
@@ -216,3 +228,62 @@ async def test_semantic_entry_cap_is_a_setting(monkeypatch: pytest.MonkeyPatch) 
         await semantic.add(key, Entry("scope", f"q{n}", f"a{n}"), _embedding(n), ttl_s=60)
     assert len(semantic) == 2 and keys[0] not in semantic.index, "the oldest went"
     assert [keys[1], keys[2]] == [k for k in keys if k in semantic.index]
+
+
+async def _connections_named(redis_url: str, name: str) -> int:
+    """Connections Redis has open from clients named ``name`` (its own count)."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        return sum(1 for c in await admin.client_list() if c.get("name") == name)
+    finally:
+        await admin.aclose()
+
+
+async def test_redis_connections_left_idle_close_and_reopen_when_needed(redis_url: str) -> None:
+    """A burst opens a connection per command at once; redis-py alone kept them all for
+    the life of the process (``leangate bench load --soak``: 50 Redis sockets more than
+    before the load, for good)."""
+    name = f"lg-idle-{uuid.uuid4().hex[:8]}"
+    client = redis_client(redis_url, timeout_s=2.0, idle_s=0.3, client_name=name)
+    try:
+        # Each BLPOP on an empty list holds its connection for 0.2 s: 12 at once.
+        await asyncio.gather(*(client.blpop([f"{name}:empty"], timeout=0.2) for _ in range(12)))
+        assert await _connections_named(redis_url, name) == 12
+        started = time.monotonic()
+        while await _connections_named(redis_url, name) > 0:
+            assert time.monotonic() - started < 3.0, "idle connections were not closed"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - started >= 0.2, "closed before they were idle for 0.3 s"
+        await client.set(f"{name}:k", b"v", px=5000)
+        assert await client.get(f"{name}:k") == b"v", "a closed connection reconnects"
+        assert await _connections_named(redis_url, name) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_no_command_fails_while_idle_connections_are_swept(redis_url: str) -> None:
+    """Sweeps every 20 ms among commands taking and returning connections: the sweep never
+    closes one a command holds (no retry here, which would hide it)."""
+    pool = IdleClosingPool.from_url(
+        redis_url, idle_s=0.02, max_connections=16, retry=Retry(NoBackoff(), 0)
+    )
+    client = aioredis.Redis.from_pool(pool)
+    key = f"lg-sweep-{uuid.uuid4().hex[:8]}"
+    closed: list[int] = []
+
+    async def worker(n: int) -> None:
+        for i in range(40):
+            await client.set(f"{key}:{n}", i, px=5000)
+            assert await client.get(f"{key}:{n}") == str(i).encode()
+            await asyncio.sleep(random.uniform(0.0, 0.04))
+
+    async def sweeper() -> None:
+        for _ in range(60):
+            closed.append(await pool.close_idle())
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.gather(sweeper(), *(worker(n) for n in range(6)))
+    finally:
+        await client.aclose()
+    assert sum(closed) > 0, "connections were closed between commands"

@@ -27,6 +27,7 @@ from conftest import ProxyThread, free_port, proxy_settings, start_redis, wait_f
 from fault_helpers import Responder, chat, events, streamed_text
 
 from leangate.cache.store import RedisStore, StoreError
+from leangate.retrieval.chunkstore import RedisChunkStore
 
 CACHED = """
 rules:
@@ -166,5 +167,27 @@ async def test_a_restarted_redis_costs_no_failed_call(tmp_path: Path) -> None:
         assert await asyncio.gather(*(store.get(f"k{n}") for n in range(20))) == [None] * 20
     finally:
         await store.close()
+        redis_process.kill()
+        redis_process.wait()
+
+
+async def test_a_restarted_redis_costs_the_corpus_store_no_failed_call(tmp_path: Path) -> None:
+    """The corpora's Redis client is the cache's (``redis_client``): its stale connections
+    are replaced on first use too. Before, each failed one call: a 503 on the corpus
+    routes, or a corpus search left out of a RAG answer."""
+    port = free_port()
+    redis_process = start_redis(port, tmp_path)
+    store = RedisChunkStore(f"redis://127.0.0.1:{port}/0", dim=4, timeout_s=1.0)
+    try:
+        assert await asyncio.gather(*(store.infos(f"t{n}") for n in range(20))) == [[]] * 20
+        redis_process.kill()
+        redis_process.wait()
+        with pytest.raises(redis.ConnectionError):
+            await store.infos("t0")
+        redis_process = start_redis(port, tmp_path)
+        versions = await asyncio.gather(*(store.version(f"t{n}", "kb") for n in range(20)))
+        assert versions == [None] * 20
+    finally:
+        await store.aclose()
         redis_process.kill()
         redis_process.wait()

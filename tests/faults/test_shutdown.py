@@ -1,8 +1,10 @@
 """SIGTERM: ``leangate serve`` stops taking connections, lets what is in flight finish
-within its drain timeout (``LEANGATE_DRAIN_TIMEOUT_S``), cuts what is left, and exits."""
+within its drain timeout (``LEANGATE_DRAIN_TIMEOUT_S``), cuts what is left (a stream ends
+with an error event), and exits."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,11 +72,15 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path: Path) -> None:
             answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == TEXT
         )
 
-        # What is left at the drain timeout is cut: the client sees the body end early
-        # (an incomplete chunked body), never a [DONE].
+        # What is left at the drain timeout is cut: the client reads the events sent so
+        # far, then an error event and the end of the body, never a [DONE].
         cut, cut_failure, cut_at = endless.result(timeout=DRAIN_S + 10)
-        assert cut and "data: [DONE]" not in cut, "a stream cut at the drain timeout is not whole"
-        assert cut_failure is not None and "incomplete chunked read" in cut_failure
+        assert cut_failure is None, cut_failure
+        assert "data: [DONE]" not in cut, "a stream cut at the drain timeout is not whole"
+        *sent, last = [line.removeprefix("data: ") for line in cut]
+        assert sent and cycled(600).startswith(streamed_text(sent)), "whole events before it"
+        error = json.loads(last)["error"]
+        assert (error["type"], error["code"]) == ("service_unavailable", "server_shutting_down")
         assert DRAIN_S - 0.5 < cut_at - signalled < DRAIN_S + 3, cut_at - signalled
 
         proxy.process.wait(DRAIN_S + 10)

@@ -150,3 +150,36 @@ def test_bad_input_is_a_clear_4xx_and_loses_nothing(proxy: ProxyThread) -> None:
     assert "fresh#0" not in [h["id"] for h in found.json()["data"]]
     assert httpx.get(f"{proxy.url}/health").status_code == 200
     httpx.delete(url, headers=A)
+
+
+def test_a_batch_over_the_character_bound_is_a_413_and_stores_nothing(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Documents are bounded by count (256) and, together, by characters of text
+    (``LEANGATE_CORPUS_MAX_BATCH_CHARS``): what ingesting costs grows with the text."""
+    monkeypatch.setenv("LEANGATE_CORPUS_MAX_BATCH_CHARS", "1000")
+    tenant, key = f"chars-{RUN}", f"sk-chars-{RUN}"
+    policy = write_policy(tmp_path, f"tenants:\n  {tenant}: {{api_keys: [{key}]}}\nrules: []\n")
+    settings = proxy_settings(
+        "http://backend.test",
+        policy=policy,
+        redis_url=redis_url,
+        corpus_dir=tmp_path / "corpora",
+        max_body_bytes=MAX_BODY,
+    )
+    headers = {"authorization": f"Bearer {key}"}
+    name = _corpus()
+    sentence = "Lighthouses guide ships along the rocky coast at night. " * 7  # 392 characters
+    batch = [{"id": f"doc-{n}", "text": sentence} for n in range(3)]
+    with ProxyThread(settings, HttpxTransport(httpx.MockTransport(_backend))) as proxy:
+        docs = f"{proxy.url}/v1/corpora/{name}/documents"
+        over = httpx.post(docs, json={"documents": batch}, headers=headers, timeout=60)
+        listed = httpx.get(f"{proxy.url}/v1/corpora", headers=headers).json()["data"]
+        within = httpx.post(docs, json={"documents": batch[:2]}, headers=headers, timeout=60)
+        httpx.delete(f"{proxy.url}/v1/corpora/{name}", headers=headers)
+    message = _error(over, 413)
+    assert over.json()["error"]["code"] == "too_many_characters"
+    assert message == "the documents hold 1176 characters of text; at most 1000 in one request"
+    assert listed == [], "nothing stored"
+    assert within.status_code == 200, within.text
+    assert within.json()["documents"] == 2

@@ -10,10 +10,11 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+from conftest import MODEL, ProxyThread, free_port, proxy_settings, write_policy
 
 from leangate.backend.transport import HttpxTransport
 from leangate.bench.common import metric_total
@@ -127,3 +128,37 @@ def test_callers_cannot_choose_where_the_proxy_connects(proxy: ProxyThread) -> N
     )
     assert routed.status_code == 200 and as_model.status_code == 404
     assert hosts_seen == {"backend.test"}
+
+
+def test_an_unreachable_key_store_is_a_clean_503_and_the_service_stays_up(
+    tmp_path: Path,
+) -> None:
+    """With ``require_api_key``, a key the policy does not list is looked up in Redis; a
+    Redis that cannot answer refuses the request (never an open door) with an OpenAI-style
+    503 at once, and everything that needs no lookup goes on."""
+    policy = write_policy(tmp_path, "require_api_key: true" + POLICY)
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    settings = proxy_settings("http://backend.test", policy=policy, redis_url=nowhere)
+    with ProxyThread(settings, HttpxTransport(httpx.MockTransport(_backend))) as proxy:
+        refused, refused_s = _ask(proxy, f"sk-unknown-{uuid.uuid4().hex}", "Let me in?")
+        again, _ = _ask(proxy, f"sk-unknown-{uuid.uuid4().hex}", "Let me in?")
+        listed, _ = _ask(proxy, "sk-alpha", f"Still there? {uuid.uuid4().hex}")
+        health = httpx.get(f"{proxy.url}/health", timeout=10)
+        corpora = httpx.get(
+            f"{proxy.url}/v1/corpora", headers={"authorization": "Bearer sk-nobody"}, timeout=10
+        )
+    expected = {
+        "error": {
+            "message": "API keys cannot be checked now; retry",
+            "type": "service_unavailable",
+            "code": "key_store_unavailable",
+        }
+    }
+    for response in (refused, again, corpora):
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == expected
+    assert refused_s < 2.0, "refused at once, not after a timeout"
+    assert listed.status_code == 200
+    assert listed.json()["choices"][0]["message"]["content"].startswith("answer to Still there?")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
