@@ -432,7 +432,7 @@ async def _health(request: Request) -> Response:
 async def _metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     metrics = gateway.services.metrics
-    metrics.backend_ready.set(sum(1 for r in gateway.backend.replicas if r.healthy))
+    metrics.backend_state(gateway.backend.replicas)
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from leangate.backend.balancer import Replica
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -72,6 +76,13 @@ class Metrics:
         )
         self.backend_ready = Gauge(
             "leangate_backend_replicas_healthy", "Healthy backend replicas", registry=r
+        )
+        self.backend_outstanding = Gauge(
+            "leangate_backend_outstanding",
+            "Requests sent to a replica and not yet answered in full (what the balancer "
+            "weighs), as of the scrape",
+            ["replica"],
+            registry=r,
         )
         self.cache_lookups = Counter(
             "leangate_cache_lookups", "Result cache lookups", ["kind", "outcome"], registry=r
@@ -235,6 +246,14 @@ class Metrics:
         if child is None:
             child = self._replica_children[replica] = self.backend_requests.labels(replica)
         child.inc()
+
+    def backend_state(self, replicas: Iterable[Replica]) -> None:
+        """Healthy replicas and each one's outstanding requests, read when scraped."""
+        healthy = 0
+        for replica in replicas:
+            healthy += replica.healthy
+            self.backend_outstanding.labels(replica.url).set(replica.outstanding)
+        self.backend_ready.set(healthy)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -166,6 +166,36 @@ def test_leangate_field_is_stripped(client: openai.OpenAI) -> None:
     assert answer.choices[0].message.content is not None
 
 
+def _outstanding(proxy: ProxyThread, vllm_url: str) -> float:
+    line = f'leangate_backend_outstanding{{replica="{vllm_url.rstrip("/")}"}}'
+    for row in httpx.get(proxy.url + "/metrics").text.splitlines():
+        if row.startswith(line):
+            return float(row.split()[-1])
+    raise AssertionError(f"{line} is not in /metrics")
+
+
+def test_outstanding_requests_are_in_metrics_while_a_stream_runs(
+    proxy: ProxyThread, vllm_url: str
+) -> None:
+    body = {
+        "model": MODEL,
+        "messages": PROMPT,
+        "max_tokens": 200,
+        "ignore_eos": True,  # long enough to be still running when /metrics is read
+        "stream": True,
+    }
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", proxy.url + "/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        next(lines)
+        assert _outstanding(proxy, vllm_url) == 1
+        for _ in lines:
+            pass
+    wait_for(lambda: _outstanding(proxy, vllm_url) == 0, 5, "the answered stream is still counted")
+
+
 def test_client_disconnect_cancels_backend_request(proxy: ProxyThread, vllm_url: str) -> None:
     body = {
         "model": MODEL,
