@@ -162,10 +162,7 @@ async def _complete(
         result = await gateway.execute(ctx)
         response = _render(result, ctx, gateway.services.metrics, labels)
     except asyncio.CancelledError:
-        if not watch.gone:
-            raise
-        watch.forget_cancel()
-        response = error_response(ClientGone("the client disconnected"))
+        response = _cancelled(watch)
     except Exception as exc:
         if _is_unexpected(exc):
             log.exception("unexpected error on %s", route)
@@ -178,6 +175,20 @@ async def _complete(
         route, response.status_code, time.perf_counter() - started, labels.model, labels.tenant
     )
     return response, ctx
+
+
+def _cancelled(watch: ClientWatch) -> Response:
+    """The answer to a request cancelled before its response started. The client watch
+    cancels it when its client left; otherwise it is the server's drain deadline
+    (``LEANGATE_DRAIN_TIMEOUT_S``: uvicorn cancels what is still running), and the request
+    is answered with a 503 the client can retry elsewhere, not uvicorn's plain-text 500."""
+    if watch.gone:
+        watch.forget_cancel()
+        return error_response(ClientGone("the client disconnected"))
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return error_response(ShuttingDown("the server is shutting down; retry the request"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,8 @@ class ClientGone(ProxyError):
 
 
 class ShuttingDown(ProxyError):
-    """Sent as a stream's last event when the server cuts it at its drain timeout."""
+    """A request still running at the server's drain timeout: a plain one is answered with
+    it, a stream ends with it as its last event."""
 
     status_code = 503
     error_type = "service_unavailable"

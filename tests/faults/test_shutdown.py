@@ -1,6 +1,6 @@
 """SIGTERM: ``leangate serve`` stops taking connections, lets what is in flight finish
 within its drain timeout (``LEANGATE_DRAIN_TIMEOUT_S``), cuts what is left (a stream ends
-with an error event), and exits."""
+with an error event, a plain request gets a 503), and exits."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path: Path) -> None:
             tmp_path / "serve.log",
             env={"LEANGATE_DRAIN_TIMEOUT_S": str(DRAIN_S)},
         ) as proxy,
-        ThreadPoolExecutor(3) as pool,
+        ThreadPoolExecutor(4) as pool,
     ):
         url = proxy.url + "/v1/chat/completions"
         # 30 events 100 ms apart (3 s); a plain answer after 2 s; 600 events (60 s).
@@ -55,7 +55,8 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path: Path) -> None:
         plain = pool.submit(_plain, url, chat("B", responder={"delay_ms": 2000}))
         long = chat("C", stream=True, responder={"chunks": 600, "chunk_interval_ms": 100})
         endless = pool.submit(_stream, url, long)
-        wait_for(lambda: backend.stats()["active"] == 3, 10, "the requests never reached it")
+        stuck = pool.submit(_plain, url, chat("D", responder={"delay_ms": 60_000}))
+        wait_for(lambda: backend.stats()["active"] == 4, 10, "the requests never reached it")
         signalled = time.monotonic()
         proxy.terminate()
 
@@ -82,6 +83,10 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path: Path) -> None:
         error = json.loads(last)["error"]
         assert (error["type"], error["code"]) == ("service_unavailable", "server_shutting_down")
         assert DRAIN_S - 0.5 < cut_at - signalled < DRAIN_S + 3, cut_at - signalled
+        # A plain request still unanswered then gets a 503 it can retry elsewhere.
+        refusal = stuck.result(timeout=DRAIN_S + 10)
+        assert refusal.status_code == 503, refusal.text
+        assert refusal.json()["error"]["code"] == "server_shutting_down"
 
         proxy.process.wait(DRAIN_S + 10)
         exited = time.monotonic() - signalled
@@ -92,3 +97,4 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path: Path) -> None:
         assert "Application shutdown complete" in output, output
         wait_for(lambda: backend.stats()["active"] == 0, 5, "the backend still streams to it")
         assert backend.stats()["streams_cut"] == 1
+        assert "Traceback" not in output, output
