@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--ratio", type=float, default=4.0)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--parts", default="fidelity,spans,e2e")
+    parser.add_argument("--parts", default="fidelity,spans,e2e,conversation")
     parser.add_argument("--records", type=int, default=None, help="end-to-end records")
 
 
@@ -97,9 +97,35 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if "e2e" in args.parts and records:
         with backend_urls(args) as urls:
             result.update(_e2e(urls, records, count, args, tokenizer_dir))
+    if "conversation" in args.parts:
+        _merge(result, _conversation(args))
     result["duration_s"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine_info()
     return result
+
+
+def _conversation(args: argparse.Namespace) -> dict[str, object]:
+    """``leangate bench conversation``'s figures (``planted_fact_retention``,
+    ``prefix_cache_hit_ratio``, ...) at that benchmark's own defaults, on the same
+    backend, data and seed."""
+    from . import conversation
+
+    parser = argparse.ArgumentParser()
+    conversation.add_arguments(parser)
+    own = parser.parse_args([])
+    for name in ("quick", "data_dir", "backend_url", "redis_url", "seed", "proxy_command"):
+        setattr(own, name, getattr(args, name))
+    figures = conversation.run(own)
+    for shared in ("benchmark", "quick", "duration_s", "machine", "tokens_counted_with"):
+        figures.pop(shared, None)
+    figures["conversation_settings"] = figures.pop("settings", {})
+    return figures
+
+
+def _merge(result: dict[str, object], figures: Mapping[str, object]) -> None:
+    """Add ``figures``; a name ``result`` already has gets a ``conversation_`` prefix."""
+    for name, value in figures.items():
+        result[name if name not in result else f"conversation_{name}"] = value
 
 
 def compress_text(text: str, count: Count, ratio: float) -> tuple[str, float]:

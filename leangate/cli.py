@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "profile": "leangate.bench.profile",
     "sot": "leangate.bench.sot",
     "compress": "leangate.bench.compress",
+    "conversation": "leangate.bench.conversation",
     "decompose": "leangate.bench.decompose",
     "rag": "leangate.bench.rag",
     "load": "leangate.bench.load",

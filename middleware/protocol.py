@@ -17,6 +17,7 @@ from leangate.retrieval.documents import Document
 
 Route = Literal["chat", "completions"]
 MAX_DOCUMENTS = 1000
+MAX_KEPT_MESSAGES = 10_000
 MAX_CHOICES = 128
 """OpenAI's bound on ``n``: every choice is a sequence the backend decodes."""
 MAX_ANSWER_TOKENS = 1 << 24
@@ -121,16 +122,27 @@ class RequestOptions(BaseModel):
     citations: StrictBool = False
     """Name the chunks the ``rag`` stage chose in a ``leangate`` field of the JSON body
     (the ``x-leangate-citations`` header names them always)."""
+    keep_messages: list[Count] | None = Field(None, max_length=MAX_KEPT_MESSAGES)
+    """Indexes (from 0) of ``messages`` that the ``compress`` stage must send exactly as
+    given: never compressed or summarized."""
 
     def answer_inputs(self) -> dict[str, Any] | None:
         """What in these options changes the answer, for cache keys."""
-        if not self.documents and not self.citations and self.planner is None:
+        if (
+            not self.documents
+            and not self.citations
+            and self.planner is None
+            and not self.keep_messages
+        ):
             return None
-        return {
+        inputs: dict[str, Any] = {
             "documents": [d.model_dump() for d in self.documents or []],
             "citations": self.citations,
             "planner": self.planner,
         }
+        if self.keep_messages:  # only when set: other requests' keys stay as they were
+            inputs["keep_messages"] = sorted(set(self.keep_messages))
+        return inputs
 
 
 REQUEST_MODELS: dict[Route, type[ChatCompletionRequest] | type[CompletionRequest]] = {

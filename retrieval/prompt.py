@@ -9,7 +9,7 @@ documents pasted between instruction and question) are compressible, sentence by
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +48,15 @@ def plan(
     *,
     min_block_tokens: int,
     instruction_max_tokens: int,
+    exclude: Collection[int] = (),
+    earlier_turns: bool = True,
 ) -> Plan | None:
     """The compressible parts of ``messages``, or None when the chat has no plain-text
-    last user turn (tool calls, images) or nothing to compress."""
+    last user turn (tool calls, images) or nothing to compress.
+
+    ``exclude``: messages sent exactly as given (the caller's ``keep_messages``).
+    ``earlier_turns``: long earlier user turns are parts too (off when the stage
+    summarizes earlier turns instead)."""
     if not messages or any(not isinstance(m.get("content"), str | None) for m in messages):
         return None
     last = messages[-1]
@@ -60,11 +66,36 @@ def plan(
     question = ""
     for index, message in enumerate(messages):
         text = str(message.get("content") or "")
+        if index in exclude:
+            continue
         if index == len(messages) - 1:
             part, question = _last_turn(index, text, count, instruction_max_tokens)
             parts.append(part)
-        elif message.get("role") == "user" and count(text) >= min_block_tokens:
+        elif earlier_turns and message.get("role") == "user" and count(text) >= min_block_tokens:
             parts.append(Part(index, text, segment(text), frozenset()))
+    if len(messages) - 1 in exclude:  # the question still guides the other parts
+        question = question_of(str(last.get("content") or ""))
+    return _plan_of(question, parts, count)
+
+
+def lone_plan(
+    text: str,
+    count: Count,
+    *,
+    question: str | None,
+    instruction_max_tokens: int,
+) -> Plan | None:
+    """One message's text as a plan of its own, for its summary. With ``question`` None
+    (a user's message) its first short paragraph and its last one are locked, as in a last
+    turn, and the last one is the question; otherwise (an assistant's answer) nothing is
+    locked and ``question`` is what it answered."""
+    if question is None:
+        part, own = _last_turn(0, text, count, instruction_max_tokens)
+        return _plan_of(own, [part], count)
+    return _plan_of(question, [Part(0, text, segment(text), frozenset())], count)
+
+
+def _plan_of(question: str, parts: list[Part], count: Count) -> Plan | None:
     candidates: list[Candidate] = []
     owners: list[tuple[int, int]] = []
     for number, part in enumerate(parts):
@@ -76,6 +107,16 @@ def plan(
     if not candidates:
         return None
     return Plan(question, parts, candidates, owners)
+
+
+def question_of(text: str) -> str:
+    """A user message's question: its last paragraph, without headings (what an answer
+    to it answers)."""
+    segments = segment(text)
+    if not segments:
+        return ""
+    last = segments[-1].paragraph
+    return " ".join(s.text for s in segments if s.paragraph == last and s.kind != "heading")
 
 
 def _next_section(candidates: Sequence[Candidate]) -> int:
