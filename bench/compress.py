@@ -41,7 +41,9 @@ import httpx
 from leangate.backend.localvllm import MODEL_NAME
 from leangate.retrieval.compress import HEADER, CompressSettings
 from leangate.retrieval.prompt import budget, plan, rebuild
+from leangate.retrieval.prune import thin
 from leangate.retrieval.select import Selector
+from leangate.retrieval.tokens import scoring_body
 
 from . import hotpot
 from .common import (
@@ -76,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--ratio", type=float, default=4.0)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--parts", default="fidelity,spans,e2e,conversation")
+    parser.add_argument("--parts", default="fidelity,spans,e2e,tokens,conversation")
     parser.add_argument("--records", type=int, default=None, help="end-to-end records")
 
 
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if "e2e" in args.parts and records:
         with backend_urls(args) as urls:
             result.update(_e2e(urls, records, count, args, tokenizer_dir))
+    if "tokens" in args.parts and records:
+        with backend_urls(args) as urls:
+            result.update(_tokens(urls[0], records, count, args.ratio))
     if "conversation" in args.parts:
         _merge(result, _conversation(args))
     result["duration_s"] = round(time.perf_counter() - started, 1)
@@ -179,6 +184,61 @@ def _fidelity(records: list[hotpot.Record], count: Count, ratio: float) -> dict[
     figures["ms_per_1k_tokens_max"] = rounded(max(per_1k), 2)
     figures["cpu_ms_per_1k_tokens"] = rounded(statistics.median(r[6] * 1e6 / r[1] for r in rows), 2)
     log(f"fidelity: {figures}")
+    return figures
+
+
+# --- token-level pruning -----------------------------------------------------------------------
+
+PRUNE_SHARE = 0.3
+
+
+def _tokens(
+    url: str, records: list[hotpot.Record], count: Count, ratio: float
+) -> dict[str, object]:
+    """The ``prune`` stage's method after compression, scored by the served model itself:
+    the share of the kept sentences' tokens it drops (target ``PRUNE_SHARE``), whether
+    the gold answer still reads in the prompt, and the scoring time over the prefill
+    it saves (the cost check's reason to skip a same-model scorer)."""
+    rows = []
+    with httpx.Client(timeout=300) as http:
+        for record in records:
+            text, _ = compress_text(hotpot.prompt(record), count, ratio)
+            messages = [{"role": "user", "content": text}]
+            found = plan(messages, count, min_block_tokens=200, instruction_max_tokens=100)
+            if found is None:
+                continue
+            (part,) = found.parts
+            started = time.perf_counter()
+            answer = http.post(f"{url}/v1/completions", json=scoring_body(text, MODEL)).json()
+            scoring_s = time.perf_counter() - started
+            out, dropped = thin(part, answer, PRUNE_SHARE)
+            rows.append(
+                (
+                    record.tune,
+                    dropped / max(found.compressible_tokens, 1),
+                    record.answer in text,
+                    record.answer in out,
+                    scoring_s,
+                    count(text) - count(out),
+                    count(text),
+                )
+            )
+    figures: dict[str, object] = {"prune_target_share": PRUNE_SHARE}
+    for name, part_is_tune in (("_tune", True), ("_holdout", False)):
+        chosen = [r for r in rows if r[0] is part_is_tune]
+        before = [r for r in chosen if r[2]]
+        figures[f"prune_token_share{name}"] = rounded(statistics.median(r[1] for r in chosen), 3)
+        figures[f"prune_answer_retention{name}"] = (
+            rounded(sum(r[3] for r in before) / len(before), 3) if before else None
+        )
+    figures["prune_token_share"] = figures["prune_token_share_holdout"]
+    figures["prune_answer_retention"] = figures["prune_answer_retention_holdout"]
+    # scoring is a prefill of the whole text; pruning saves the prefill of what it drops
+    figures["prune_scoring_over_saving"] = rounded(
+        statistics.median(r[6] / max(r[5], 1) for r in rows), 2
+    )
+    figures["prune_scoring_ms_median"] = rounded(statistics.median(r[4] for r in rows) * 1000, 1)
+    log(f"tokens: {figures}")
     return figures
 
 

@@ -235,6 +235,25 @@ HEADLINES: tuple[Headline, ...] = (
         "direct with its prefix warm",
     ),
     Headline(
+        "compress",
+        "conversation_token_reduction",
+        "10-turn conversations, prompt tokens from turn 6, whole / sent, held out",
+        Goal(">=", 3),
+    ),
+    Headline(
+        "compress",
+        "planted_fact_retention",
+        "facts planted in early turns still in the prompt, held out",
+        Goal(">=", 0.9),
+    ),
+    Headline(
+        "compress",
+        "prefix_cache_hit_ratio",
+        "vLLM prefix-cache hit rate, leangate / whole conversation",
+        Goal(">=", 0.9),
+        "whole conversation direct: {e2e_hit_rate_direct}",
+    ),
+    Headline(
         "rag",
         "token_reduction",
         "context tokens, all 10 paragraphs / selected, held out",

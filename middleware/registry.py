@@ -36,6 +36,7 @@ BUILTIN: dict[str, str] = {
     "sot": "leangate.planners.sot:SotStage",
     "compress": "leangate.retrieval.compress:CompressStage",
     "rag": "leangate.retrieval.rag:RagStage",
+    "prune": "leangate.retrieval.prune:PruneStage",
     "decompose": "leangate.planners.decompose:DecomposeStage",
 }
 

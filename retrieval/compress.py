@@ -228,14 +228,14 @@ class CompressStage:
         self.cost = OwnCost(settings.prior_ms_per_1k)
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
-        messages = _messages(ctx)
+        messages = chat_messages(ctx)
         if messages is None:
             return await call_next(ctx)
         started = time.perf_counter()
         before = self.services.tokenizer.estimate_messages(ctx.model, messages)
         work = None
-        if self.settings.min_prompt_tokens <= before <= _context_length(ctx):
-            exclude = _kept_messages(ctx, len(messages))
+        if self.settings.min_prompt_tokens <= before <= context_length(ctx):
+            exclude = kept_messages(ctx, len(messages))
             work = await asyncio.to_thread(self._work, ctx.model, messages, exclude)
             await self._known_forms(ctx, work)
         decision = self.decide(ctx, before, work)
@@ -319,7 +319,7 @@ class CompressStage:
         s = self.settings
         if before < s.min_prompt_tokens:
             return Decision(False, "short", before)
-        if before > _context_length(ctx):
+        if before > context_length(ctx):
             # the client gets the backend's own error, as without the stage
             return Decision(False, "over-context", before)
         if work is None or work.empty:
@@ -613,7 +613,7 @@ class CompressStage:
         return selector.choose(budget(found, before, **self._target(ratio)))
 
 
-def _context_length(ctx: RequestContext) -> float:
+def context_length(ctx: RequestContext) -> float:
     """The served model's context window, as its replicas list it (unknown: no limit)."""
     for card in ctx.backend.model_cards():
         if card.get("id") == ctx.model:
@@ -622,12 +622,12 @@ def _context_length(ctx: RequestContext) -> float:
     return math.inf
 
 
-def _kept_messages(ctx: RequestContext, count: int) -> set[int]:
+def kept_messages(ctx: RequestContext, count: int) -> set[int]:
     """The messages the caller asked to be sent exactly as given (``keep_messages``)."""
     return {i for i in ctx.options.keep_messages or () if i < count}
 
 
-def _messages(ctx: RequestContext) -> list[dict[str, Any]] | None:
+def chat_messages(ctx: RequestContext) -> list[dict[str, Any]] | None:
     """The chat's messages as plain dicts, for requests compression handles."""
     body = ctx.body
     if ctx.route != "chat" or body.get("tools") or body.get("functions"):

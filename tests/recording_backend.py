@@ -1,5 +1,6 @@
 """A scripted OpenAI-compatible backend for stages' unit tests: it records every request
-body it is sent and answers "ok"."""
+body it is sent and answers "ok". And ``RecordingTransport``, the production transport
+keeping what a proxy sends to the real vLLM."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import httpx
 
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.tokenizer import Tokenizer
-from leangate.backend.transport import HttpxTransport
+from leangate.backend.transport import (
+    AiohttpTransport,
+    HttpxTransport,
+    UpstreamRequest,
+    UpstreamResponse,
+)
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
 from leangate.cache.store import MemoryStore
@@ -53,3 +59,16 @@ def services_of(client: BackendClient) -> Services:
     return Services(
         client, metrics, CacheServices(MemoryStore(), metrics), Embedder(), Tokenizer(client)
     )
+
+
+class RecordingTransport(AiohttpTransport):
+    """The production transport, keeping every chat request the proxy sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        if request.url.endswith("/chat/completions") and request.body:
+            self.bodies.append(json.loads(request.body))
+        return await super().send(request)

@@ -5,7 +5,6 @@ vLLM's prefix cache keeps hitting, and ``keep_messages``."""
 from __future__ import annotations
 
 import itertools
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ import httpx
 import pytest
 from compress_corpus import INSTRUCTION, document, more_sections
 from conftest import MODEL, ProxyThread, proxy_settings, write_policy
+from recording_backend import RecordingTransport as ChatRecorder
 
-from leangate.backend.transport import AiohttpTransport, UpstreamRequest, UpstreamResponse
 from leangate.bench.common import metric_total
 from leangate.retrieval.compress import HEADER
 from leangate.retrieval.summarize import SUMMARY_INSTRUCTIONS, SUMMARY_PREFIX
@@ -35,17 +34,8 @@ SECTIONS = more_sections(40)
 Messages = list[dict[str, Any]]
 
 
-class RecordingTransport(AiohttpTransport):
-    """The production transport, keeping every chat request the proxy sends to vLLM."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bodies: list[dict[str, Any]] = []
-
-    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        if request.url.endswith("/chat/completions") and request.body:
-            self.bodies.append(json.loads(request.body))
-        return await super().send(request)
+class RecordingTransport(ChatRecorder):
+    """What the proxy sends to vLLM, told apart: summaries and prompts."""
 
     def summaries(self) -> list[dict[str, Any]]:
         return [b for b in self.bodies if _is_summary(b)]
