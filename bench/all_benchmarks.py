@@ -252,6 +252,7 @@ def run_command(
             stderr=stderr,
             env=env,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         timed_out = False
         try:
@@ -272,6 +273,13 @@ def run_command(
         finished_at=now(),
         duration_s=round(time.monotonic() - started, 1),
     )
+
+
+def _default_sigint() -> None:
+    """In the child, before it runs: SIGINT back to its default. A shell starts background
+    jobs (``cmd &``) with SIGINT ignored, the child inherits that, and Python then never
+    turns SIGINT into KeyboardInterrupt: the benchmark could not be stopped cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(process: subprocess.Popen[bytes], grace_s: float) -> bytes:

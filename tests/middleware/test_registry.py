@@ -48,7 +48,7 @@ def test_a_policy_can_name_a_stage_by_import_string() -> None:
 
 
 def test_unknown_stages_are_named_in_the_error() -> None:
-    known = "known stages: cache, compress, decompose, example-fanout, passthrough, rag, sot"
+    known = "known stages: cache, compress, decompose, example-fanout, passthrough, prune, rag, sot"
     with pytest.raises(ValueError, match=known):
         registry.stage_class("nope")
     with pytest.raises(ValueError, match="cannot be imported"):
