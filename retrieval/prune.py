@@ -105,13 +105,10 @@ class PruneStage:
         metrics.compress_decided(self.name, True, reason)
         metrics.compress_done(self.name, before, after, seconds)
         answer = ctx.answer_cap(DEFAULT_ANSWER_TOKENS)
-        own = 0.0 if scorer == ctx.model else seconds  # the same model: its time is prefill
-        s = self.settings
-        profile = self.services.profile
-        metrics.stage_saved(
-            self.name,
-            net_saving(profile, answer, before, after, own, s.uncalibrated_prefill_tps),
-        )
+        tps = self.settings.uncalibrated_prefill_tps
+        # ``seconds`` holds the scoring calls: a loss when they cost more than they saved
+        saved = net_saving(self.services.profile, answer, before, after, seconds, tps)
+        metrics.stage_saved(self.name, saved)
         return await call_next(ctx)
 
     async def _plan(
