@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -20,16 +21,14 @@ from rich.console import Console
 PARTS = ("vllm", "model", "embedder")
 
 
+@dataclass(frozen=True)
 class Part:
-    """One thing ``prepare`` makes: how to tell it is ready, and how to make it."""
+    """One thing ``prepare`` makes: where it lives, how to tell it is ready, how to make it."""
 
-    def __init__(
-        self, name: str, where: Path, ready: Callable[[], bool], make: Callable[[], object]
-    ):
-        self.name = name
-        self.where = where
-        self.ready = ready
-        self.make = make
+    name: str
+    where: Path
+    ready: Callable[[], bool]
+    make: Callable[[], object]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
