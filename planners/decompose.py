@@ -13,8 +13,9 @@
 Sub-questions and sub-answers are model output: they reach the model only as quoted
 notes, never as instructions to the proxy. Any failure before the answer's first byte
 answers the request directly, as if the stage were off. The policy forces the stage on
-(``always``) or off; choosing per request is left to a planner router shared with
-``sot``.
+(``always``) or off, or lets its router choose (``auto``: questions that ask several
+things); a request can force it (``"planner": "decompose"``) where the policy runs it.
+Placed before ``sot`` in a chain, the two make one planner decision per request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler
 from leangate.middleware.services import Services
 from leangate.middleware.subrequests import Part
+from leangate.planners.parts import asks_several
 from leangate.planners.plan import MAX_STEPS, Plan, PlanError, Step, parse_plan, plan_regex
 from leangate.planners.requests import plannable_question, sampling
 
@@ -55,8 +57,10 @@ SYNTHESIS_SYSTEM = (
 class DecomposeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["always", "never"] = "always"
-    """``always`` / ``never``: decompose every question, or none."""
+    mode: Literal["auto", "always", "never"] = "always"
+    """``always`` / ``never``: decompose every question, or none; ``auto``: only questions
+    that ask several things in their form (``planners/parts.py``), the others go on to the
+    rest of the chain (a ``sot`` stage after this one decides for them)."""
     max_steps: int = Field(4, ge=2, le=MAX_STEPS)
     """Most sub-questions of a plan."""
     decomposer_model: str | None = None
@@ -133,12 +137,16 @@ class DecomposeStage:
         forced = ctx.options.planner
         if question is None or self.settings.mode == "never" or forced in ("sot", "direct"):
             return await call_next(ctx)
+        reason = self.decide(question, forced)
+        self.services.metrics.planner_decided(self.name, reason is not None, reason or "router")
+        if reason is None:
+            ctx.response_headers[PLAN_HEADER] = "direct; reason=one-question"
+            return await call_next(ctx)
         started = time.perf_counter()
-        self.services.metrics.planner_decided(self.name, True, f"policy-{self.settings.mode}")
         plan, source = await self.plan(ctx, question)
         solved = await self.solve(ctx, plan)
         ctx.response_headers[PLAN_HEADER] = (
-            f"decompose; reason=policy-{self.settings.mode}; steps={len(plan.steps)}; "
+            f"decompose; reason={reason}; steps={len(plan.steps)}; "
             f"depth={plan.depth()}; plan={source}; calls={len(plan.steps) + 2}; "
             f"solve_s={max(b for _, b in solved.spans.values()):.2f}; spans={solved.header()}"
         )
@@ -151,6 +159,15 @@ class DecomposeStage:
         usage = ctx.scope.usage.as_dict()
         text, finish = answer_text(ctx.route, answer), finish_reason(answer) or "stop"
         return JsonResult(orjson.dumps(whole_answer(ctx.route, ctx.model, text, finish, usage)))
+
+    def decide(self, question: str, forced: str | None) -> str | None:
+        """Why the question is decomposed, or None when it is not (``auto`` and a single
+        question)."""
+        if forced == "decompose":
+            return "request-decompose"
+        if self.settings.mode == "always":
+            return "policy-always"
+        return "several-questions" if asks_several(question) else None
 
     # --- planning ----------------------------------------------------------------------------
 
