@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from leangate.bench.common import header_fields
 from leangate.middleware.app import create_app
 from leangate.settings import Settings
 
@@ -228,7 +229,7 @@ def describe(headers: Any) -> list[str]:
         if value is None:
             continue
         lines.append(f"{name}: {value}")
-        fields = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
+        fields = header_fields(value)
         if "tokens_before" in fields and "tokens_after" in fields:
             saved = int(fields["tokens_before"]) - int(fields["tokens_after"])
             if saved > 0:

@@ -16,7 +16,7 @@ from compress_corpus import INSTRUCTION, document, more_sections
 from conftest import MODEL, ProxyThread, proxy_settings, write_policy
 from recording_backend import RecordingTransport as ChatRecorder
 
-from leangate.bench.common import metric_total
+from leangate.bench.common import header_fields, metric_total
 from leangate.retrieval.compress import HEADER
 from leangate.retrieval.summarize import SUMMARY_INSTRUCTIONS, SUMMARY_PREFIX
 
@@ -102,8 +102,7 @@ def _ask(url: str, messages: Messages, key: str, **options: Any) -> httpx.Respon
 
 
 def _fields(response: httpx.Response) -> dict[str, str]:
-    parts = response.headers[HEADER].split("; ")
-    return {"decision": parts[0]} | dict(p.split("=", 1) for p in parts[1:])
+    return header_fields(response.headers[HEADER])
 
 
 def test_old_turns_are_summarized_once_and_sent_again_byte_for_byte(

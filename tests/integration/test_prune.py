@@ -13,6 +13,7 @@ from compress_corpus import INSTRUCTION, QUESTION, long_prompt
 from conftest import MODEL, ProxyThread, proxy_settings, write_policy
 from recording_backend import RecordingTransport
 
+from leangate.bench.common import header_fields
 from leangate.retrieval.prune import HEADER
 
 pytestmark = pytest.mark.integration
@@ -47,10 +48,6 @@ def _ask(url: str, text: str, key: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=300)
 
 
-def _fields(header: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in header.split("; ")[1:])
-
-
 def test_forced_pruning_drops_words_but_not_numbers_instruction_or_question(
     pruning: ProxyThread, vllm_url: str
 ) -> None:
@@ -60,7 +57,7 @@ def test_forced_pruning_drops_words_but_not_numbers_instruction_or_question(
     pruned.raise_for_status()
     header = pruned.headers[HEADER]
     assert header.startswith("pruned; reason=policy-always;"), header
-    fields = _fields(header)
+    fields = header_fields(header)
     assert fields["scorer"] == MODEL and int(fields["dropped"]) > 0
     sent = direct.json()["usage"]["prompt_tokens"] / pruned.json()["usage"]["prompt_tokens"]
     assert 1.15 <= sent <= 1.6, sent  # 0.3 of the pasted sentences' tokens, by vLLM's count

@@ -19,6 +19,7 @@ from recording_backend import RecordingBackend, services_of
 
 from leangate.backend.client import BackendClient
 from leangate.backend.profile import Estimate
+from leangate.bench.common import header_fields
 from leangate.middleware.context import RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.pipeline import build_chain
@@ -133,9 +134,7 @@ class Conversation:
             options=RequestOptions(**options),
         )
         await self.chain(ctx)
-        header = ctx.response_headers.get(HEADER, "")
-        parts = header.split("; ")
-        return {"decision": parts[0]} | dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        return header_fields(ctx.response_headers.get(HEADER, ""))
 
     async def turns(self, count: int) -> list[dict[str, str]]:
         return [await self.ask(_request(turn)) for turn in range(count)]
