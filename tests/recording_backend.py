@@ -20,7 +20,9 @@ from leangate.backend.transport import (
 from leangate.cache.embedder import Embedder
 from leangate.cache.services import CacheServices
 from leangate.cache.store import MemoryStore
+from leangate.middleware.context import RequestContext
 from leangate.middleware.metrics import Metrics
+from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
 from leangate.middleware.services import Services
 
 ANSWER = {
@@ -50,6 +52,30 @@ class RecordingBackend:
         )
         await client.check_health()
         return client
+
+
+def chat_context(
+    client: BackendClient,
+    messages: str | list[dict[str, Any]],
+    *,
+    options: RequestOptions | None = None,
+    **extra: Any,
+) -> RequestContext:
+    """A chat request of tenant ``t`` for model ``m`` (``max_tokens`` 8 unless ``extra``
+    says otherwise), as the gateway would hand it to a stage; a string is one user
+    message."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    body = {"model": "m", "messages": messages, "max_tokens": 8, **extra}
+    return RequestContext(
+        route="chat",
+        body=body,
+        raw=None,
+        request=ChatCompletionRequest.model_validate(body),
+        tenant="t",
+        backend=client,
+        options=options or RequestOptions(),
+    )
 
 
 def services_of(client: BackendClient) -> Services:

@@ -10,7 +10,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 from compress_corpus import GOLD, prompt
-from recording_backend import ANSWER, RecordingBackend, services_of
+from recording_backend import ANSWER, RecordingBackend, chat_context, services_of
 
 from leangate.backend.client import BackendClient
 from leangate.backend.profile import Estimate
@@ -19,7 +19,6 @@ from leangate.middleware.context import RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
-from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.registry import stage_class
 from leangate.retrieval import compress
 from leangate.retrieval.compress import HEADER, CompressSettings, CompressStage
@@ -41,15 +40,7 @@ async def _setup(
 
 
 def _ctx(client: BackendClient, messages: list[dict[str, Any]], **extra: Any) -> RequestContext:
-    body = {"model": "m", "messages": messages, "max_tokens": 8, **extra}
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant="t",
-        backend=client,
-    )
+    return chat_context(client, messages, **extra)
 
 
 def _long(repeat: int = 3) -> list[dict[str, Any]]:

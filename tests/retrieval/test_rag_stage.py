@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from recording_backend import RecordingBackend, services_of
+from recording_backend import RecordingBackend, chat_context, services_of
 
 from leangate.backend.client import BackendClient, BackendSettings
 from leangate.cache.embedder import Embedder
@@ -17,7 +17,7 @@ from leangate.middleware.context import JsonResult, RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
-from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
+from leangate.middleware.protocol import RequestOptions
 from leangate.retrieval import rag
 from leangate.retrieval.chunks import chunk_document
 from leangate.retrieval.documents import Document
@@ -143,16 +143,8 @@ async def _chain(settings: RagSettings) -> tuple[Any, RecordingBackend, Metrics]
 
 
 def _ctx(content: str, **options: Any) -> RequestContext:
-    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant="t",
-        backend=BackendClient(BackendSettings(urls=["http://unused"])),
-        options=RequestOptions(**options),
-    )
+    client = BackendClient(BackendSettings(urls=["http://unused"]))
+    return chat_context(client, content, options=RequestOptions(**options), max_tokens=4)
 
 
 @pytest.mark.asyncio
