@@ -41,7 +41,7 @@ import httpx
 from leangate.backend.localvllm import MODEL_NAME
 from leangate.retrieval.compress import HEADER, CompressSettings
 from leangate.retrieval.prompt import budget, plan, rebuild
-from leangate.retrieval.prune import thin
+from leangate.retrieval.prune import PruneSettings, thin
 from leangate.retrieval.select import Selector
 from leangate.retrieval.tokens import scoring_body
 
@@ -189,14 +189,14 @@ def _fidelity(records: list[hotpot.Record], count: Count, ratio: float) -> dict[
 
 # --- token-level pruning -----------------------------------------------------------------------
 
-PRUNE_SHARE = 0.3
+PRUNE = PruneSettings(mode="always", share=0.3)
 
 
 def _tokens(
     url: str, records: list[hotpot.Record], count: Count, ratio: float
 ) -> dict[str, object]:
     """The ``prune`` stage's method after compression, scored by the served model itself:
-    the share of the kept sentences' tokens it drops (target ``PRUNE_SHARE``), whether
+    the share of the kept sentences' tokens it drops (target ``PRUNE.share``), whether
     the gold answer still reads in the prompt, and the scoring time over the prefill
     it saves (the cost check's reason to skip a same-model scorer)."""
     rows = []
@@ -204,14 +204,19 @@ def _tokens(
         for record in records:
             text, _ = compress_text(hotpot.prompt(record), count, ratio)
             messages = [{"role": "user", "content": text}]
-            found = plan(messages, count, min_block_tokens=200, instruction_max_tokens=100)
+            found = plan(
+                messages,
+                count,
+                min_block_tokens=PRUNE.min_block_tokens,
+                instruction_max_tokens=PRUNE.instruction_max_tokens,
+            )
             if found is None:
                 continue
             (part,) = found.parts
             started = time.perf_counter()
             answer = http.post(f"{url}/v1/completions", json=scoring_body(text, MODEL)).json()
             scoring_s = time.perf_counter() - started
-            out, dropped = thin(part, answer, PRUNE_SHARE)
+            out, dropped = thin(part, answer, PRUNE.share)
             rows.append(
                 (
                     record.tune,
@@ -223,7 +228,7 @@ def _tokens(
                     count(text),
                 )
             )
-    figures: dict[str, object] = {"prune_target_share": PRUNE_SHARE}
+    figures: dict[str, object] = {"prune_target_share": PRUNE.share}
     for name, part_is_tune in (("_tune", True), ("_holdout", False)):
         chosen = [r for r in rows if r[0] is part_is_tune]
         before = [r for r in chosen if r[2]]
