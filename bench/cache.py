@@ -202,17 +202,19 @@ def _mock_figures(prepared: Prepared, *, with_unrelated: bool) -> dict[str, obje
 
 
 def _qqp_figures(tune: Prepared, holdout: Prepared) -> dict[str, object]:
-    """The default verifier, the strict preset and the cosine baseline, each on both parts.
+    """The default verifier, the strict preset, the rules without the pair model and the
+    cosine baseline, each on both parts.
 
     The baseline's threshold is the lowest reaching precision 0.99 on the tuning part.
     """
     from leangate.cache.semantic_eval import CosineThreshold, choose_threshold, score
-    from leangate.cache.verify import STRICT, Verifier
+    from leangate.cache.verify import RULES_ONLY, STRICT, Verifier
 
     threshold = choose_threshold(tune, COSINE_TARGET_PRECISION)
     arms: dict[str, Selector] = {
         "qqp": Verifier(),
         "qqp_strict": Verifier(STRICT),
+        "qqp_rules": Verifier(RULES_ONLY),
         "qqp_cosine": CosineThreshold(threshold),
     }
     figures: dict[str, object] = {"qqp_cosine_threshold": rounded(threshold)}

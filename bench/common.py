@@ -737,15 +737,19 @@ def header_fields(header: str) -> dict[str, str]:
     return fields
 
 
-def metric_total(base_url: str, name: str) -> float:
-    """Sum of every sample of metric ``name`` on a Prometheus ``/metrics`` page."""
+def metric_total(base_url: str, name: str, **labels: str) -> float:
+    """Sum of every sample of metric ``name`` on a Prometheus ``/metrics`` page, of those
+    that carry ``labels`` when given."""
     import httpx
 
     text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10).text
+    wanted = [f'{label}="{value}"' for label, value in labels.items()]
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith(name) and line[len(name)] in " {"
+        if line.startswith(name)
+        and line[len(name)] in " {"
+        and all(f"{{{w}" in line or f",{w}" in line for w in wanted)
     )
 
 

@@ -80,7 +80,6 @@ from leangate.middleware.context import RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
-from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.services import Services
 from leangate.retrieval.compress import HEADER, CompressSettings, CompressStage
 from leangate.retrieval.summarize import (
@@ -489,14 +488,7 @@ async def _offline_one(
 
 def _context(messages: list[dict[str, Any]], client: BackendClient) -> RequestContext:
     body = {"model": MODEL, "messages": messages, "max_tokens": 48, "temperature": 0}
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant="bench",
-        backend=client,
-    )
+    return RequestContext.validated("chat", body, tenant="bench", backend=client)
 
 
 def _row(

@@ -3,9 +3,9 @@
 Data: the hand-labelled Vicuna-80 and WizardLM questions in ``<data-dir>/sot/*_router.csv``,
 and FastChat's reference answers in ``<data-dir>/fastchat/`` for coverage where they exist.
 
-1. *router*: nested 5-fold cross-validation of the router over both labelled sets
-   (``router_accuracy``, ``router_precision``): no question is judged by a model or a
-   threshold that saw it.
+1. *router*: nested 5-fold cross-validation of the router over both labelled sets, the
+   mean of five shuffles (``router_accuracy``, ``router_precision``): no question is judged
+   by a model, a vocabulary or a threshold that saw it.
 2. *speed*: questions the router sends to SoT (router-positive) and questions it does not
    (router-negative), each answered directly by vLLM and through a proxy running the
    ``sot`` stage (auto: router and cost model decide), with the same ``max_tokens`` cap and
@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 from leangate.backend.localvllm import MODEL_NAME
-from leangate.planners.router import RouterWeights, cross_validate, read_labelled
+from leangate.planners.router import RouterWeights, read_labelled, repeated_cross_validate
 from leangate.planners.sot import PLAN_HEADER
 
 from .common import (
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     weights = RouterWeights.load()
     if "router" in args.parts:
-        cv = cross_validate(questions, vectors, labels, rules=weights.rules)
+        cv = repeated_cross_validate(questions, vectors, labels, rules=weights.rules)
         result.update(
             router_accuracy=rounded(cv.accuracy, 3),
             router_precision=rounded(cv.precision, 3),

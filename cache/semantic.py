@@ -252,10 +252,17 @@ class SemanticCache:
         self, key: str, entry: Entry, vector: np.ndarray | Embedding, ttl_s: float
     ) -> None:
         embedding = vector if isinstance(vector, Embedding) else Embedding(vector)
-        await self.store.set(key, entry.encode(embedding), ttl_s)
+        size = await self.store.add_announced(
+            key,
+            entry.encode(embedding),
+            ttl_s,
+            stream=SEMANTIC_EVENTS,
+            index=SEMANTIC_INDEX,
+            score=time.time(),
+        )
+        # After the store has it (a sweep meanwhile would find it missing and forget it);
+        # should this replica's follower read the event first, it loads the entry itself.
         self._remember(key, entry, embedding)
-        await self.store.publish(SEMANTIC_EVENTS, "add", key)
-        size = await self.store.index_add(SEMANTIC_INDEX, key, time.time())
         if size > self.max_entries:
             for old in await self.store.index_pop_oldest(SEMANTIC_INDEX, size - self.max_entries):
                 await self.drop(old)

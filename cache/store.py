@@ -77,6 +77,15 @@ class Store(ABC):
     @abstractmethod
     async def publish(self, stream: str, op: str, key: str) -> None: ...
 
+    async def add_announced(
+        self, key: str, value: bytes, ttl_s: float, *, stream: str, index: str, score: float
+    ) -> int:
+        """``set``, then ``publish`` an ``add`` of ``key`` on ``stream`` and ``index_add``
+        it to ``index``; returns the index's size. Redis does the three in one round trip."""
+        await self.set(key, value, ttl_s)
+        await self.publish(stream, "add", key)
+        return await self.index_add(index, key, score)
+
     @abstractmethod
     async def last_event_id(self, stream: str) -> str: ...
 
@@ -206,6 +215,16 @@ def redis_client(
     return aioredis.Redis.from_pool(pool)
 
 
+def _put(redis: Any, key: str, value: bytes, ttl_s: float) -> Any:
+    """``SET`` with the TTL on a client (awaitable) or a pipeline (queued)."""
+    return redis.set(key, value, px=max(int(ttl_s * 1000), 1))
+
+
+def _announce(redis: Any, stream: str, op: str, key: str) -> Any:
+    """``XADD`` of an event on a client (awaitable) or a pipeline (queued)."""
+    return redis.xadd(stream, {"op": op, "key": key}, maxlen=EVENTS_MAXLEN, approximate=True)
+
+
 class RedisStore(Store):
     """redis-py's asyncio client; every Redis failure surfaces as ``StoreError``.
 
@@ -240,7 +259,7 @@ class RedisStore(Store):
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         try:
-            await self._redis.set(key, value, px=max(int(ttl_s * 1000), 1))
+            await _put(self._redis, key, value, ttl_s)
         except RedisError as exc:
             raise StoreError(str(exc)) from exc
 
@@ -278,6 +297,20 @@ class RedisStore(Store):
             raise StoreError(str(exc)) from exc
         return int(size)
 
+    async def add_announced(
+        self, key: str, value: bytes, ttl_s: float, *, stream: str, index: str, score: float
+    ) -> int:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                _put(pipe, key, value, ttl_s)
+                _announce(pipe, stream, "add", key)
+                pipe.zadd(index, {key: score})
+                pipe.zcard(index)
+                *_, size = await pipe.execute()
+        except RedisError as exc:
+            raise StoreError(str(exc)) from exc
+        return int(size)
+
     async def index_pop_oldest(self, index: str, count: int) -> list[str]:
         try:
             popped = await self._redis.zpopmin(index, count)
@@ -287,9 +320,7 @@ class RedisStore(Store):
 
     async def publish(self, stream: str, op: str, key: str) -> None:
         try:
-            await self._redis.xadd(
-                stream, {"op": op, "key": key}, maxlen=EVENTS_MAXLEN, approximate=True
-            )
+            await _announce(self._redis, stream, op, key)
         except RedisError as exc:
             raise StoreError(str(exc)) from exc
 

@@ -11,10 +11,9 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -49,6 +48,7 @@ from leangate.middleware.openapi import describe_routes
 from leangate.middleware.policy import load_policy
 from leangate.middleware.protocol import Route
 from leangate.middleware.runtime import open_runtime
+from leangate.middleware.scope import RequestScope
 from leangate.middleware.tracing import Tracing
 from leangate.settings import Settings
 
@@ -202,12 +202,11 @@ class _Labels:
 
 
 class ClientWatch:
-    """Cancels the request's task when its client disconnects before the response starts.
+    """Cancels the request's task when its client disconnects.
 
     Started when a stage fans out (``RequestScope.on_fanout``: sub-requests should stop as
-    soon as nobody waits for them), or once a request has waited ``WATCH_AFTER_S``; a
-    watcher task on every request would cost the hot path. Once the response starts, the
-    streaming response notices disconnects.
+    soon as nobody waits for them), or once a request, or a stream after its headers, has
+    waited ``WATCH_AFTER_S``; a watcher task on every request would cost the hot path.
     """
 
     __slots__ = ("_receive", "_task", "_watcher", "gone")
@@ -270,8 +269,8 @@ def _render(result: Result, ctx: RequestContext, metrics: Metrics, labels: _Labe
     if isinstance(result, StreamResult):
         return _EventStream(
             _sse(result, metrics, labels),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
+            {**SSE_HEADERS, **headers},
+            request=ctx.scope,
             on_cut=metrics.stream_errors.labels(labels.route).inc,
         )
     return Response(result.body, result.status, headers=headers, media_type="application/json")
@@ -283,36 +282,68 @@ SHUTDOWN_EVENT = encode_event(
 
 
 class _EventStream(StreamingResponse):
-    """An event stream that ends with an error event when the server cuts it.
+    """An event stream, sent chunk by chunk, that notices its client leaving and ends with
+    an error event when the server cuts it.
+
+    Starlette's own streaming response (ASGI spec 2.3, which uvicorn speaks) runs every
+    stream in a task group beside a task listening for the client's disconnect, a fixed
+    cost on every stream however short. Here that listener (a :class:`ClientWatch`) starts
+    only once the stream has run ``WATCH_AFTER_S``, or at once when a stage fans out, so a
+    short stream pays a timer; a client that leaves sooner costs at most that long of
+    backend work (uvicorn drops what is sent to a closed connection).
 
     On SIGTERM uvicorn waits ``LEANGATE_DRAIN_TIMEOUT_S`` for the requests in flight, then
-    cancels their tasks; nothing else cancels a request's task once its response started
-    (the client watch stops before). The cancellation reaches the task serving the
-    connection once the stream's own task (starlette runs it in a task group) has stopped
-    after its last whole event, so that task sends the stream's end: the error event
-    ``stream_error_payload`` writes for any failure mid-stream, then the end of the
-    chunked body. The client reads an error and no ``[DONE]``, instead of a body cut
-    short. The cancellation is then handled: the response is complete and the request's
-    scope closes as after any response.
+    cancels their tasks. A stream cancelled so after its headers went out sends the error
+    event ``stream_error_payload`` writes for any failure mid-stream, then the end of the
+    chunked body: the client reads an error and no ``[DONE]``, instead of a body cut short.
     """
 
-    def __init__(self, *args: Any, on_cut: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        *,
+        request: RequestScope,
+        on_cut: Callable[[], None],
+    ) -> None:
+        super().__init__(chunks, media_type="text/event-stream", headers=headers)
+        self._chunks = chunks
+        self._request = request
         self._on_cut = on_cut
         self._open = False  # the headers are sent, the last part is not
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = ClientWatch(receive)
+        timer: asyncio.TimerHandle | None = None
+        if self._request.fanned_out:
+            watch.start()
+        else:
+            self._request.on_fanout = watch.start
+            timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
         except asyncio.CancelledError:
-            if not self._open:
+            if watch.gone:  # the client left
+                watch.forget_cancel()
+            elif not self._open:
                 raise
-            self._open = False
-            self._on_cut()
-            await send({"type": "http.response.body", "body": SHUTDOWN_EVENT, "more_body": False})
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            else:
+                self._open = False
+                self._on_cut()
+                await send(
+                    {"type": "http.response.body", "body": SHUTDOWN_EVENT, "more_body": False}
+                )
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            # cancelled while awaiting a send, the generator was left suspended: closing it
+            # now releases the backend response instead of at garbage collection
+            await aclose_quietly(self._chunks)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            watch.stop()
+            self._request.on_fanout = None
 
     async def stream_response(self, send: Send) -> None:
         """Starlette's, noting whether the stream is open (its chunks are all bytes)."""

@@ -107,6 +107,35 @@ class RequestContext:
     parent: RequestContext | None = None
     """The client's request, for a context made by ``derive``."""
 
+    @classmethod
+    def validated(
+        cls,
+        route: Route,
+        body: dict[str, Any],
+        *,
+        tenant: str,
+        backend: BackendClient,
+        raw: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        options: RequestOptions | None = None,
+        scope: RequestScope | None = None,
+        parent: RequestContext | None = None,
+    ) -> RequestContext:
+        """A context for ``body``, validated as ``route``'s request (raises
+        ``pydantic.ValidationError``)."""
+        return cls(
+            route=route,
+            body=body,
+            raw=raw,
+            request=REQUEST_MODELS[route].model_validate(body),
+            tenant=tenant,
+            backend=backend,
+            headers=headers if headers is not None else {},
+            options=options or RequestOptions(),
+            scope=scope or RequestScope(),
+            parent=parent,
+        )
+
     @property
     def model(self) -> str:
         return self.request.model
@@ -157,12 +186,9 @@ class RequestContext:
         headers and scope; the model is this request's unless ``body`` names one."""
         if "model" not in body:
             body = {**body, "model": self.model}
-        route = route or self.route
-        return RequestContext(
-            route=route,
-            body=body,
-            raw=None,
-            request=REQUEST_MODELS[route].model_validate(body),
+        return RequestContext.validated(
+            route or self.route,
+            body,
             tenant=self.tenant,
             backend=self.backend,
             headers=self.headers,

@@ -21,7 +21,7 @@ from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_va
 from leangate.middleware.keys import KeyStoreUnavailable
 from leangate.middleware.limits import Limiter
 from leangate.middleware.policy import ANONYMOUS, Policy
-from leangate.middleware.protocol import REQUEST_MODELS, RequestOptions, Route
+from leangate.middleware.protocol import RequestOptions, Route
 from leangate.middleware.registry import known_stages
 from leangate.middleware.services import Services
 from leangate.middleware.tracing import Attributes
@@ -130,21 +130,20 @@ class Gateway:
             raw = None
         options = _options(options_field, headers)
         try:
-            request = REQUEST_MODELS[route].model_validate(data)
+            ctx = RequestContext.validated(
+                route,
+                data,
+                tenant=tenant,
+                backend=self.backend,
+                raw=raw,
+                headers=headers,
+                options=options,
+            )
         except ValidationError as exc:
             raise InvalidRequest(describe_validation_error(exc)) from None
-        if self.backend.ready and not self.backend.serves(request.model):
-            raise ModelNotFound(request.model)
-        return RequestContext(
-            route=route,
-            body=data,
-            raw=raw,
-            request=request,
-            tenant=tenant,
-            backend=self.backend,
-            headers=headers,
-            options=options,
-        )
+        if self.backend.ready and not self.backend.serves(ctx.model):
+            raise ModelNotFound(ctx.model)
+        return ctx
 
 
 def _parse_object(body: bytes) -> dict[str, Any]:

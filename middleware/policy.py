@@ -23,6 +23,8 @@ request decides its stages. A request no rule matches runs no stage.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +121,17 @@ class Tenant(_Strict):
     """Overrides the policy's ``limits`` field by field."""
 
 
+@dataclass(frozen=True, slots=True)
+class TenantIndex:
+    """What every request reads of a policy's tenants, as plain dicts: a pydantic private
+    attribute costs about 2 µs a read."""
+
+    by_digest: dict[str, str]
+    """Tenant by API key digest."""
+    limits: dict[str, Limits | None]
+    default_limits: Limits | None
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     """The policy format's version; 1 is the only one."""
@@ -134,26 +147,30 @@ class Policy(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     """Tried in order; the first whose ``match`` fits the request decides its stages (no match:
     no stage runs)."""
-    _by_digest: dict[str, str] = PrivateAttr(default_factory=dict)
-    _limits: dict[str, Limits | None] = PrivateAttr(default_factory=dict)
-    _default_limits: Limits | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _index_keys(self) -> Policy:
+        _ = self.index  # built now: a key listed twice fails validation
+        return self
+
+    @cached_property
+    def index(self) -> TenantIndex:
+        by_digest: dict[str, str] = {}
+        limits: dict[str, Limits | None] = {}
         for name, tenant in self.tenants.items():
             digests = [key_digest(k.get_secret_value()) for k in tenant.api_keys]
             digests += tenant.api_key_sha256
             for digest in digests:
-                other = self._by_digest.setdefault(digest.lower(), name)
+                other = by_digest.setdefault(digest.lower(), name)
                 if other != name:
                     raise ValueError(f"an API key is listed for tenants {other!r} and {name!r}")
-            self._limits[name] = self.limits.under(tenant.limits).or_none()
-        self._default_limits = self.limits.or_none()
-        return self
+            limits[name] = self.limits.under(tenant.limits).or_none()
+        return TenantIndex(by_digest, limits, self.limits.or_none())
 
     def limits_for(self, tenant: str) -> Limits | None:
         """``tenant``'s limits; None when none applies (admission then costs nothing)."""
-        return self._limits.get(tenant, self._default_limits)
+        index = self.index
+        return index.limits.get(tenant, index.default_limits)
 
     def tenant_for_key(self, api_key: str | None) -> str | None:
         """The tenant owning ``api_key``.
@@ -166,7 +183,7 @@ class Policy(_Strict):
 
     def listed_tenant(self, api_key: str | None) -> str | None:
         """The tenant that lists ``api_key`` in this policy, if any."""
-        return self._by_digest.get(key_digest(api_key)) if api_key else None
+        return self.index.by_digest.get(key_digest(api_key)) if api_key else None
 
     def unlisted_tenant(self, api_key: str | None) -> str | None:
         """The tenant of a key no tenant lists (see ``tenant_for_key``)."""

@@ -26,10 +26,16 @@ INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+EXACT_FLOAT_INTEGERS = 2**53
+"""Past this a float may stand for several integers: orjson parses an integer beyond 64
+bits as a float, and ``-(2**63) - 1`` would round into the bounds it broke."""
+
+
 def _integral(value: object) -> object:
     """``2.0`` as ``2``: JSON has one kind of number, and JSON Schema (like OpenAI) takes
-    a number without a fraction for an integer."""
-    if isinstance(value, float) and value.is_integer():
+    a number without a fraction for an integer. A float too large to be exact stays a
+    float, so the strict integer fields reject it."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < EXACT_FLOAT_INTEGERS:
         return int(value)
     return value
 

@@ -97,6 +97,11 @@ class RequestScope:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    @property
+    def fanned_out(self) -> bool:
+        """A stage has started a sub-request."""
+        return self._fanned_out
+
     def fanout_started(self) -> None:
         if not self._fanned_out:
             self._fanned_out = True

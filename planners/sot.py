@@ -101,6 +101,8 @@ class SotStage:
         self.services = services
         self.router = RouterWeights.load()
         self._points_expected = float(settings.max_points)
+        self._line_tokens = LINE_TOKENS
+        """Tokens of an outline line, learned from this stage's finished outlines."""
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> Result:
         question = plannable_question(ctx)
@@ -140,27 +142,38 @@ class SotStage:
         return Decision(run, "faster" if run else "not-faster", direct_s, sot_s)
 
     def predict(self, ctx: RequestContext) -> tuple[float, float]:
-        """Predicted seconds of the direct answer and of SoT, at the current load."""
+        """Predicted seconds of the direct answer and of SoT, at the current load. SoT's
+        critical path is the outline, then the last point (see ``point_caps``)."""
         profile = self.services.profile
         prompt = self.services.tokenizer.estimate_messages(ctx.model, ctx.body["messages"])
         cap = self._answer_tokens(ctx)
         points = self.settings.max_points
-        skeleton = profile.predict(prompt + 60, self.settings.skeleton_tokens // 2)
-        expand = profile.predict(prompt + 120, cap // points, parallel=points)
+        caps = self.point_caps(ctx)
+        outline_tokens = min(round(points * self._line_tokens), self.settings.skeleton_tokens)
+        skeleton = profile.predict(prompt + 60, outline_tokens)
+        expand = profile.predict(prompt + 120, caps[points - 1], parallel=points)
         return profile.predict(prompt, cap), skeleton + expand
 
     def _answer_tokens(self, ctx: RequestContext) -> int:
         return ctx.answer_cap(self.settings.default_max_tokens)
 
-    def expansion_tokens(self, ctx: RequestContext) -> int:
-        """Each point's token cap: the answer's cap shared by the points expected, which
-        are counted from this stage's finished outlines (a point is started before the
-        outline's length is known)."""
-        return max(int(self._answer_tokens(ctx) / self._points_expected), 16)
+    def point_caps(self, ctx: RequestContext) -> list[int]:
+        """Each point's token cap (``staggered_caps``), from the answer's cap and the
+        points and outline line lengths this stage's finished outlines had."""
+        return staggered_caps(
+            self._answer_tokens(ctx),
+            self._points_expected,
+            self._line_tokens,
+            self.settings.max_points,
+        )
 
     def _record(self, decision: Decision, answer: _Answer) -> None:
         if answer.points:
             self._points_expected += 0.1 * (len(answer.points) - self._points_expected)
+            written = (answer.outline.usage or {}).get("completion_tokens")
+            if isinstance(written, int) and written > 0:
+                per_line = written / len(answer.points)
+                self._line_tokens += 0.1 * (per_line - self._line_tokens)
         actual = time.perf_counter() - answer.started
         self.services.metrics.planner_timed(self.name, decision.sot_s, actual)
         if decision.direct_s:
@@ -175,7 +188,7 @@ class _Answer:
         self.ctx = ctx
         self.question = question
         self.settings = stage.settings
-        self.per_point = stage.expansion_tokens(ctx)
+        self.caps = stage.point_caps(ctx)
         self.reader = PointReader(self.settings.max_points)
         self.started = time.perf_counter()
         self.sub = ctx.subrequests
@@ -247,7 +260,7 @@ class _Answer:
         body = {
             **sampling(self.ctx),
             "messages": expand_messages(self.question, self.points[index]),
-            "max_tokens": self.per_point,
+            "max_tokens": self.caps[index],
             # One paragraph per point; min_tokens, because a small model may open with a
             # blank line, which would otherwise end the point empty.
             "stop": ["\n\n"],
@@ -267,6 +280,32 @@ class _Answer:
             "max_tokens": self.settings.skeleton_tokens,
             "structured_outputs": {"regex": skeleton_regex(MIN_POINTS, self.settings.max_points)},
         }
+
+
+LINE_TOKENS = 8.0
+"""Tokens of an outline line before any outline was seen ("3. Keep surfaces clear\n")."""
+MIN_POINT_TOKENS = 16
+
+
+def staggered_caps(total: int, points: float, line_tokens: float, count: int) -> list[int]:
+    """Token caps of up to ``count`` points, so that the points would all end together.
+
+    Point k starts when the outline's line k is complete, one line (``line_tokens``
+    decode steps) after point k-1, while every started point decodes in the same batch.
+    So point k gets ``line_tokens`` fewer tokens than point k-1: the last point, which
+    starts when the outline ends, is the critical path, and is shortest. For ``points``
+    expected points, the caps sum to ``total``, the answer's cap as a direct answer has it;
+    points past the total get ``MIN_POINT_TOKENS`` (their tokens are counted in usage).
+    """
+    points = max(points, 1.0)
+    first = total / points + line_tokens * (points - 1) / 2
+    caps: list[int] = []
+    left = total
+    for k in range(count):
+        cap = max(MIN_POINT_TOKENS, min(round(first - k * line_tokens), left))
+        caps.append(cap)
+        left = max(left - cap, 0)
+    return caps
 
 
 def _heading(index: int, point: str) -> str:

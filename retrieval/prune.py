@@ -49,7 +49,8 @@ class PruneSettings(BaseModel):
     """The served model whose ``prompt_logprobs`` score the text; default the request's
     own, which never pays in ``auto`` (its scoring is the prefill it would save)."""
     share: float = Field(0.3, gt=0.0, lt=1.0)
-    """The share of the compressible sentences' tokens to drop."""
+    """The share of the compressible text's tokens to drop (headings and protected spans
+    stay, so more of the sentences' words go)."""
     min_prompt_tokens: int = Field(500, ge=0)
     """Shorter prompts are left alone."""
     min_block_tokens: int = Field(200, ge=1)
@@ -183,15 +184,14 @@ class PruneStage:
 
 
 def thin(part: Part, answer: dict[str, Any], share: float) -> tuple[str, int]:
-    """``part``'s text without about ``share`` of its sentences' tokens, by the scorer's
+    """``part``'s text without about ``share`` of its open segments' tokens (the stage's
+    promise; headings and hard segments stay, so more of the sentences go), by the scorer's
     ``answer`` for that text (unchanged when its tokens do not spell the text back), and
     the tokens dropped."""
     pieces = pieces_of(part.text, answer)
     if pieces is None:
         return part.text, 0
-    regions = [
-        (seg.start, seg.end)
-        for number, seg in enumerate(part.segments)
-        if seg.kind == "sentence" and not seg.hard and number not in part.locked
-    ]
-    return prune(part.text, pieces, regions, protected_spans(part.text), share)
+    free = [seg for number, seg in enumerate(part.segments) if number not in part.locked]
+    regions = [(s.start, s.end) for s in free if s.kind == "sentence" and not s.hard]
+    counted = [(s.start, s.end) for s in free]
+    return prune(part.text, pieces, regions, protected_spans(part.text), share, counted)

@@ -285,6 +285,11 @@ class Selector:
             self.scores[i] += s.hop_weight * hop[i] + s.bridge_bonus * bridged
         self.method.append("hop")
 
+    def ranked_titles(self) -> list[str]:
+        """The candidates' titles, each once, by its best sentence: which documents this
+        selection would draw on first."""
+        return list(dict.fromkeys(self.candidates[i].title for i in self._ranked()))
+
     def _best_per_section(self, count: int) -> list[int]:
         best: list[int] = []
         sections: set[int] = set()
@@ -298,13 +303,15 @@ class Selector:
 
     # --- filling ------------------------------------------------------------------------------
 
-    def choose(self, budget: int) -> Selection:
-        """Hard candidates, then the best ones while they fit in ``budget`` tokens."""
+    def choose(self, budget: int, chosen: Iterable[int] = ()) -> Selection:
+        """Hard candidates and ``chosen`` ones (an earlier selection's), then the best ones
+        while they fit in ``budget`` tokens."""
         keep: set[int] = set()
         used = 0
         headings = self._headings()
+        already = set(chosen)
         for i, c in enumerate(self.candidates):
-            if c.segment.hard:
+            if c.segment.hard or i in already:
                 keep.add(i)
                 used += c.tokens
         for i in self._order(keep):

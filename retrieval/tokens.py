@@ -79,17 +79,20 @@ def prune(
     regions: Sequence[tuple[int, int]],
     spans: Sequence[Span],
     share: float,
+    counted: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[str, int]:
-    """``text`` without its least informative words, about ``share`` of the tokens inside
-    ``regions`` (character ranges that may change), fewer when too few may go. Whole words
-    go, never a piece of one (a word's information is its tokens' sum). Returns the text
-    and the number of tokens dropped."""
+    """``text`` without its least informative words: words inside ``regions`` (character
+    ranges that may change) go until about ``share`` of the tokens inside ``counted``
+    (default ``regions``) have gone, fewer when too few may. ``counted`` can be wider than
+    ``regions``: headings the share was promised over but that must stay make more of the
+    sentences go. Whole words go, never a piece of one (a word's information is its
+    tokens' sum). Returns the text and the number of tokens dropped."""
     words = [
         w
         for w in _words(text, pieces)
         if _inside(w, regions) and not _touches(w, spans) and _droppable(text[w.start : w.end])
     ]
-    eligible = sum(1 for p in pieces if _inside(p, regions))
+    eligible = sum(1 for p in pieces if _inside(p, regions if counted is None else counted))
     wanted = int(share * eligible)
     dropped: list[_Word] = []
     count = 0

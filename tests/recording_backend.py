@@ -22,7 +22,7 @@ from leangate.cache.services import CacheServices
 from leangate.cache.store import MemoryStore
 from leangate.middleware.context import RequestContext
 from leangate.middleware.metrics import Metrics
-from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
+from leangate.middleware.protocol import RequestOptions
 from leangate.middleware.services import Services
 
 ANSWER = {
@@ -67,15 +67,7 @@ def chat_context(
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     body = {"model": "m", "messages": messages, "max_tokens": 8, **extra}
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant="t",
-        backend=client,
-        options=options or RequestOptions(),
-    )
+    return RequestContext.validated("chat", body, tenant="t", backend=client, options=options)
 
 
 def services_of(client: BackendClient) -> Services:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.server
 import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +28,7 @@ from leangate.bench.common import (
     free_port,
     given_backend_urls,
     median,
+    metric_total,
     normalize_base_url,
     percentile,
     proxy_command,
@@ -268,3 +271,40 @@ async def test_closed_loop_client_resends_on_connections_the_server_closes() -> 
         server.close()
         await server.wait_closed()
     assert (len(sample.latencies), sample.errors) == (40, 0)
+
+
+METRICS_PAGE = b"""# TYPE leangate_subrequests_total counter
+leangate_subrequests_total{stage="sot",kind="stream",outcome="ok"} 3.0
+leangate_subrequests_total{stage="sot",kind="stream",outcome="cancelled"} 2.0
+leangate_subrequests_total{stage="decompose",kind="whole",outcome="ok"} 4.0
+leangate_subrequests_created{stage="sot",kind="stream",outcome="ok"} 1.7e9
+leangate_subrequests_total_other{outcome="ok"} 100.0
+"""
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", str(len(METRICS_PAGE)))
+        self.end_headers()
+        self.wfile.write(METRICS_PAGE)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_metric_total_sums_a_metric_and_filters_by_labels() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        name = "leangate_subrequests_total"
+        assert metric_total(url, name) == 9.0
+        assert metric_total(url, name, outcome="ok") == 7.0
+        assert metric_total(url, name, outcome="ok", stage="sot") == 3.0
+        assert metric_total(url, name, kind="stream", outcome="cancelled") == 2.0
+        assert metric_total(url, name, outcome="error") == 0.0
+    finally:
+        server.shutdown()
+        server.server_close()

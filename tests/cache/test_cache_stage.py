@@ -24,7 +24,6 @@ from leangate.middleware.context import JsonResult, RequestContext, Result, Stre
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import build_chain
-from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.services import Services
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -46,14 +45,12 @@ def _ctx(
     headers: Mapping[str, str] | None = None,
 ) -> RequestContext:
     whole = {**BODY, "stream": True, **(body or {})}
-    return RequestContext(
-        route="chat",
-        body=whole,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(whole),
+    return RequestContext.validated(
+        "chat",
+        whole,
         tenant="t",
         backend=backend or BackendClient(BackendSettings()),
-        headers=headers or {},
+        headers=headers,
     )
 
 

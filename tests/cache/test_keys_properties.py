@@ -69,14 +69,7 @@ def _bodies(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def _ctx(body: dict[str, Any], tenant: str = "t") -> RequestContext:
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant=tenant,
-        backend=BACKEND,
-    )
+    return RequestContext.validated("chat", body, tenant=tenant, backend=BACKEND)
 
 
 def _shuffled(value: Any, rng: random.Random) -> Any:

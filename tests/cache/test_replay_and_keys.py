@@ -15,7 +15,6 @@ from leangate.cache.services import Breaker, StoreUnavailable
 from leangate.cache.singleflight import SingleFlight
 from leangate.cache.store import MemoryStore, StoreError
 from leangate.middleware.context import RequestContext
-from leangate.middleware.protocol import ChatCompletionRequest
 
 WHOLE = {
     "id": "chatcmpl-1",
@@ -79,13 +78,8 @@ def test_streams_that_cannot_be_stored(chunks: list[dict[str, Any]]) -> None:
 
 
 def _ctx(body: dict[str, Any], tenant: str = "t") -> RequestContext:
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant=tenant,
-        backend=BackendClient(BackendSettings()),
+    return RequestContext.validated(
+        "chat", body, tenant=tenant, backend=BackendClient(BackendSettings())
     )
 
 

@@ -164,3 +164,19 @@ def test_missing_data_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "qqp_tune.json"
     with pytest.raises(EvalDataError, match=r"qqp_tune\.json"):
         load_gptcache_pairs(missing)
+
+
+def test_pair_examples_label_each_querys_nearest_entry() -> None:
+    from leangate.cache.pair_model import FEATURES
+    from leangate.cache.pair_train import examples
+
+    prepared = toy_prepared()
+    part = prepared.lookups[0].query.split
+    features, labels, groups, kinds = examples(prepared)
+    if part != "tune":
+        assert len(labels) == 0  # nothing of a held-out part is read
+        return
+    searched = [lk for lk in prepared.lookups if lk.neighbors]
+    assert features.shape == (len(searched), len(FEATURES))
+    assert list(labels) == [lk.neighbors[0][0] in lk.query.correct for lk in searched]
+    assert len(groups) == len(kinds) == len(searched)

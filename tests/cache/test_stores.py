@@ -31,6 +31,7 @@ from leangate.cache.store import (
     MemoryStoreSettings,
     RedisStore,
     Store,
+    StoreError,
     redis_client,
 )
 from leangate.middleware.metrics import Metrics
@@ -114,6 +115,37 @@ async def test_semantic_index_follows_expiry_and_other_replicas(store: Store) ->
     finally:
         await first.close()
         await second.close()
+
+
+async def test_an_announced_add_stores_tells_and_indexes(store: Store) -> None:
+    tag = uuid.uuid4().hex
+    stream, index = f"lg:test:{tag}:events", f"lg:test:{tag}:index"
+    first, second = f"lg:test:{tag}:a", f"lg:test:{tag}:b"
+    after = await store.last_event_id(stream)
+    try:
+        for size, key in enumerate((first, second), start=1):
+            added = await store.add_announced(
+                key, key.encode(), 60, stream=stream, index=index, score=size
+            )
+            assert added == size
+        assert await store.get(second) == second.encode()
+        events = await store.read_events(stream, after, 100)
+        assert [(e.op, e.key) for e in events] == [("add", first), ("add", second)]
+        assert await store.index_pop_oldest(index, 1) == [first]
+    finally:
+        await store.delete(stream, index, first, second)
+
+
+class _Refusing(MemoryStore):
+    async def add_announced(self, *args: object, **kwargs: object) -> int:
+        raise StoreError("down")
+
+
+async def test_a_semantic_entry_the_store_refused_is_not_served() -> None:
+    semantic = SemanticCache(_Refusing(), _NoModel())  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        await semantic.add("lg:t:x:sem:k", Entry("scope", "q", "a"), _embedding(1), ttl_s=60)
+    assert "lg:t:x:sem:k" not in semantic.index and len(semantic) == 0
 
 
 def test_purge_command(redis_url: str) -> None:

@@ -286,6 +286,7 @@ def test_min_alignment_rejects_a_candidate_that_covers_too_little() -> None:
 
 def test_strict_preset_is_stricter_than_the_defaults() -> None:
     defaults = VerifierSettings()
-    assert STRICT.min_alignment > defaults.min_alignment
+    assert STRICT.min_probability > defaults.min_probability
+    assert STRICT.min_alignment >= defaults.min_alignment
     assert STRICT.min_margin >= defaults.min_margin
     assert STRICT.min_similarity >= defaults.min_similarity

@@ -20,6 +20,7 @@ rules:
   - name: compress
     stages:
       - use: compress
+        budget_ms: 30000
         settings: {mode: always, ratio: %s, min_prompt_tokens: 300}
 """
 

@@ -22,9 +22,10 @@ POLICY = """
 rules:
   - name: forced
     match: {tenants: [forced]}
-    stages: [{use: prune, settings: {mode: always, share: 0.3, min_prompt_tokens: 300}}]
+    stages:
+      - {use: prune, budget_ms: 30000, settings: {mode: always, share: 0.3, min_prompt_tokens: 300}}
   - name: auto
-    stages: [{use: prune, settings: {min_prompt_tokens: 300}}]
+    stages: [{use: prune, budget_ms: 30000, settings: {min_prompt_tokens: 300}}]
 tenants:
   forced: {api_keys: [sk-forced]}
 """

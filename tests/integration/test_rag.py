@@ -21,7 +21,8 @@ rules:
     stages:
       - use: cache
       - use: rag
-        settings: {ratio: 4}
+        budget_ms: 30000
+        settings: {ratio: 4, select_budget_ms: 30000}
 """
 FILLER: list[dict[str, Any]] = [
     {
@@ -142,7 +143,8 @@ rules:
   - name: rag
     stages:
       - use: rag
-        settings: {{corpora: [kb], top_k: 1, neighbours: 0, hops: 2}}
+        budget_ms: 30000
+        settings: {{corpora: [kb], top_k: 1, neighbours: 0, hops: 2, select_budget_ms: 30000}}
 """
 
 
@@ -192,7 +194,8 @@ rules:
       - use: decompose
         settings: {step_tokens: 16, cache_plans: false}
       - use: rag
-        settings: {mode: always, ratio: 4}
+        budget_ms: 30000
+        settings: {mode: always, ratio: 4, select_budget_ms: 30000}
 """
 
 

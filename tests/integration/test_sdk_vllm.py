@@ -25,7 +25,8 @@ rules:
     stages:
       - use: cache
       - use: rag
-        settings: {ratio: 4}
+        budget_ms: 30000
+        settings: {ratio: 4, select_budget_ms: 30000}
 """
 GOLD = Document(
     id="lighthouse",

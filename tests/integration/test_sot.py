@@ -102,13 +102,30 @@ def test_the_router_sends_arithmetic_straight_on(vllm_url: str, tmp_path: Path) 
 
 
 def test_a_client_that_leaves_stops_every_point(vllm_url: str, tmp_path: Path) -> None:
+    wait_for(lambda: vllm_running(vllm_url) == 0, 120, "vLLM still busy with an earlier test")
     with _proxy(vllm_url, tmp_path, "always") as proxy, httpx.Client(timeout=300) as http:
         body = _body(max_tokens=1200, stream=True)
         with http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             wait_for(lambda: vllm_running(vllm_url) >= 3, 120, "the points never ran together")
-        wait_for(lambda: vllm_running(vllm_url) == 0, 10, "points run on for a gone client")
+            before = _outcomes(proxy.url)
+        wait_for(lambda: _outcomes(proxy.url)["cancelled"] >= 2, 60, "none cancelled")
+        wait_for(lambda: vllm_running(vllm_url) == 0, 120, "vLLM never went idle")
+        after = _outcomes(proxy.url)
+    # Counted by the proxy, not by vLLM, which other clients (another proxy's profile
+    # calibration) may be using. A point may end by itself in the moment the proxy takes
+    # to notice; none runs on.
+    finished = after["ok"] - before["ok"]
+    assert finished <= 1, f"{finished:.0f} points ran to their end for a gone client"
+
+
+def _outcomes(proxy_url: str) -> dict[str, float]:
+    """The proxy's sub-requests that ended ``ok`` and that were ``cancelled``."""
+    return {
+        outcome: metric_total(proxy_url, "leangate_subrequests_total", outcome=outcome)
+        for outcome in ("ok", "cancelled")
+    }
 
 
 def test_the_answer_starts_while_the_outline_is_still_written(

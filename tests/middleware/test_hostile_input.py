@@ -132,6 +132,8 @@ def test_text_that_is_not_utf8_is_400(proxy: ProxyThread, body: bytes) -> None:
         ("max_completion_tokens", 2**64),
         ("stream", "false"),
         ("seed", 2**70),
+        ("seed", -(2**63) - 1),  # orjson makes it the float -2.0**63, which is in range
+        ("seed", 2**64),
         ("temperature", True),
     ],
 )

@@ -11,7 +11,6 @@ from leangate.backend.client import BackendClient, BackendSettings
 from leangate.backend.errors import BackendError, BackendTimeout
 from leangate.middleware.context import JsonResult, RequestContext, Result
 from leangate.middleware.pipeline import Handler, StageClock, build_chain
-from leangate.middleware.protocol import ChatCompletionRequest
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -29,13 +28,8 @@ class Recorder:
 
 
 def make_ctx() -> RequestContext:
-    return RequestContext(
-        route="chat",
-        body=dict(BODY),
-        raw=b"{}",
-        request=ChatCompletionRequest.model_validate(BODY),
-        tenant="t",
-        backend=BackendClient(BackendSettings()),
+    return RequestContext.validated(
+        "chat", dict(BODY), tenant="t", backend=BackendClient(BackendSettings()), raw=b"{}"
     )
 
 

@@ -19,7 +19,6 @@ from leangate.middleware.context import JsonResult, RequestContext, Result, Stre
 from leangate.middleware.endpoint import forward
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.pipeline import Handler, build_chain
-from leangate.middleware.protocol import ChatCompletionRequest
 from leangate.middleware.subrequests import Part
 
 MODELS = {"object": "list", "data": [{"id": "m", "object": "model"}]}
@@ -84,14 +83,7 @@ async def _client(backend: Backend) -> BackendClient:
 
 def _ctx(client: BackendClient, say: str = "direct answer", stream: bool = False) -> RequestContext:
     body = {"model": "m", "messages": [{"role": "user", "content": say}], "stream": stream}
-    return RequestContext(
-        route="chat",
-        body=body,
-        raw=None,
-        request=ChatCompletionRequest.model_validate(body),
-        tenant="acme",
-        backend=client,
-    )
+    return RequestContext.validated("chat", body, tenant="acme", backend=client)
 
 
 def _ask(say: str) -> dict[str, Any]:

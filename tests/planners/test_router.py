@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from leangate.cache.embedder import Embedder
-from leangate.planners.router import RouterWeights, rule_says_no, score
+from leangate.planners.router import RouterWeights, WordVectors, rule_says_no, score
 
 
 def test_rules_catch_code_and_arithmetic() -> None:
@@ -31,12 +31,38 @@ def test_shipped_weights_route_clear_cases() -> None:
 
 
 def test_weights_round_trip(tmp_path: Path) -> None:
-    weights = RouterWeights(np.ones(4, dtype=np.float32), -1.0, 0.6, False)
+    words = WordVectors({"ways": 0, "ways to": 1}, np.array([1.5, 2.0], dtype=np.float32))
+    weights = RouterWeights(np.ones(4 + 2, dtype=np.float32), -1.0, 0.6, False, words)
     path = tmp_path / "w.json"
     weights.save(path)
     loaded = RouterWeights.load(path)
     assert loaded.threshold == 0.6 and not loaded.rules
     assert np.allclose(loaded.coef, weights.coef)
+    assert loaded.words.terms == words.terms and np.allclose(loaded.words.idf, words.idf)
+    question, vector = "Ways to rest, ways to eat?", np.full(4, 0.5, dtype=np.float32)
+    assert loaded.probability([question], vector[None, :]) == weights.probability(
+        [question], vector[None, :]
+    )
+
+
+def test_word_vectors_match_scikit_learn() -> None:
+    """Run time recomputes the TF-IDF that training fitted with scikit-learn."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [
+        "What are the best ways to save money?",
+        "What are some ways to save time at work, and ways to rest?",
+        "Compare cats and dogs as pets; what are the ways they differ?",
+        "Solve 2x + 3 = 7. What is x?",
+    ]
+    fitted = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)
+    words = WordVectors(
+        {str(t): int(i) for t, i in fitted.vocabulary_.items()}, fitted.idf_.astype(np.float32)
+    )
+    unseen = ["Ways to save, ways to SAVE money: what are they?", "nothing known here"]
+    expected = fitted.transform(unseen).toarray()
+    assert np.allclose(words.matrix(unseen), expected, atol=1e-6)
+    assert words.vector(unseen[0]).any() and not words.vector(unseen[1]).any()
 
 
 def test_score() -> None:

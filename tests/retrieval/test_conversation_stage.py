@@ -23,7 +23,7 @@ from leangate.bench.common import header_fields
 from leangate.middleware.context import RequestContext
 from leangate.middleware.endpoint import forward
 from leangate.middleware.pipeline import build_chain
-from leangate.middleware.protocol import ChatCompletionRequest, RequestOptions
+from leangate.middleware.protocol import RequestOptions
 from leangate.retrieval import compress, summarize
 from leangate.retrieval.compress import HEADER, CompressSettings, CompressStage
 from leangate.retrieval.summarize import SUMMARY_INSTRUCTIONS
@@ -124,14 +124,8 @@ class Conversation:
     async def ask(self, messages: Messages, tenant: str = "t", **options: Any) -> dict[str, str]:
         """Send ``messages``; the stage's header as fields."""
         body = {"model": "m", "messages": messages, "max_tokens": 8}
-        ctx = RequestContext(
-            route="chat",
-            body=body,
-            raw=None,
-            request=ChatCompletionRequest.model_validate(body),
-            tenant=tenant,
-            backend=self.client,
-            options=RequestOptions(**options),
+        ctx = RequestContext.validated(
+            "chat", body, tenant=tenant, backend=self.client, options=RequestOptions(**options)
         )
         await self.chain(ctx)
         return header_fields(ctx.response_headers.get(HEADER, ""))

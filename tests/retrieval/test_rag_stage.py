@@ -114,6 +114,29 @@ def test_ids_head_the_chunks_when_the_model_should_cite_them() -> None:
     assert evidence.tokens <= round(pool.tokens / 4)
 
 
+def test_a_step_keeps_the_clients_question_evidence_beside_its_own() -> None:
+    """An off-the-point sub-question (a small decomposer's) still gets the evidence of the
+    question it was made for, in ``anchor_share`` of the budget; with no share it does not."""
+    pool = Pool(given_pieces(DOCS, None, TokenCounts(rough)), rough)
+    step = "What does the weekend market of Tessaro 2 sell?"
+    plain, _ = select_evidence(step, pool, RagSettings(ratio=4, anchor_share=0))
+    anchored, _ = select_evidence(step, pool, RagSettings(ratio=4), anchor=QUESTION)
+    assert "Odile Brant" not in plain.text
+    assert "designed by the engineer Odile Brant" in anchored.text
+    assert "weekend market of Tessaro 2 sells cheese" in anchored.text
+    assert anchored.tokens <= round(pool.tokens / 4)
+
+
+def test_the_anchor_is_the_clients_question_and_only_for_a_sub_request() -> None:
+    client = BackendClient(BackendSettings(urls=["http://unused"]))
+    parent = chat_context(client, QUESTION)
+    step = parent.derive({"messages": [{"role": "user", "content": "Who designed it?"}]})
+    same = parent.derive({"messages": [{"role": "user", "content": QUESTION}]})
+    assert rag._anchor_question(step, "Who designed it?") == QUESTION
+    assert rag._anchor_question(same, QUESTION) is None
+    assert rag._anchor_question(parent, QUESTION) is None
+
+
 def test_a_context_within_the_budget_is_sent_whole() -> None:
     pool = Pool(given_pieces(DOCS[:2], None, TokenCounts(rough)), rough)
     evidence, reason = select_evidence(QUESTION, pool, RagSettings(budget_tokens=10_000))

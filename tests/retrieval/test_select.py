@@ -209,3 +209,17 @@ def test_mmr_prefers_a_new_fact_to_a_restatement() -> None:
     chosen = diverse.choose(budget)
     assert plain.keep == {0, 1}, "by score alone, both restatements"
     assert 2 in chosen.keep and len(chosen.keep) == 2
+
+
+def test_ranked_titles_lists_each_section_once_best_first() -> None:
+    text = (
+        "## Harbour\nThe Varell ferry leaves the harbour at noon. Gulls nest on the pier.\n\n"
+        "## Market\nThe market opens at dawn. Fish is sold until noon.\n\n"
+        "## Kiosk\nTickets for the Varell ferry are sold at the kiosk."
+    )
+    selector = Selector(
+        "Where are tickets for the Varell ferry sold?",
+        candidates_of(segment(text), _count),
+        SelectSettings(),
+    )
+    assert selector.ranked_titles() == ["Kiosk", "Harbour", "Market"]

@@ -79,6 +79,18 @@ def test_only_the_regions_change() -> None:
     assert out.startswith("Keep the first part. ") and "the second" not in out
 
 
+def test_a_heading_that_stays_makes_more_of_the_sentences_go() -> None:
+    """The share is promised over the heading too; the heading cannot go, so the
+    sentences give its part."""
+    text = "## Ferry Timetable Notes\nThe ferry leaves the harbour at noon of most days."
+    pieces = _scored(text, {"the": 0.1, "of": 0.2, "most": 0.3, "at": 0.4, "ferry": 9})
+    sentence = [(text.index("The"), len(text))]
+    _, alone = prune(text, pieces, sentence, [], 0.25)
+    _, wider = prune(text, pieces, sentence, [], 0.25, counted=[(0, len(text))])
+    assert wider > alone
+    assert wider >= int(0.25 * len(pieces))
+
+
 words = st.sampled_from(["alpha", "beta", "the", "of", "42", "3.5", '"quoted words"', "x"])
 
 
