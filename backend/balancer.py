@@ -20,6 +20,8 @@ class Replica:
     healthy: bool = False
     models: frozenset[str] = frozenset()
     outstanding: int = 0
+    failed_checks: int = 0
+    """Health checks failed in a row (see ``BackendSettings.health_failures``)."""
     model_cards: list[dict[str, object]] = field(default_factory=list)
 
     def serves(self, model: str) -> bool:

@@ -51,6 +51,11 @@ class BackendSettings(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     health_interval_s: float = Field(5.0, gt=0)
     health_timeout_s: float = Field(3.0, gt=0)
+    health_failures: int = Field(2, ge=1)
+    """Consecutive slow or malformed health answers before a replica is taken out. A
+    refused connection takes it out at once; a busy server on few cores can miss one
+    check's deadline while it is serving well, and one miss must not turn every request
+    into a 503 until the next check."""
     max_retries: int = Field(2, ge=0)
     load_poll_s: float = Field(2.0, ge=0)
     """How often the backend profile reads each replica's /metrics for its load (0: never)."""
@@ -193,10 +198,13 @@ class BackendClient:
             cards = json.loads(body)["data"]
             models = frozenset(str(card["id"]) for card in cards)
         except (BackendError, ValueError, KeyError, TypeError) as exc:
-            if replica.healthy:
+            replica.failed_checks += 1
+            refused = isinstance(exc, BackendConnectError)
+            if replica.healthy and (refused or replica.failed_checks >= self.settings.health_failures):
                 log.warning("replica %s is unhealthy: %s", replica.url, exc)
-            replica.healthy = False
+                replica.healthy = False
             return
+        replica.failed_checks = 0
         replica.model_cards = cards
         replica.models = models
         replica.healthy = True

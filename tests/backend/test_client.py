@@ -112,6 +112,31 @@ async def test_unhealthy_replica_is_marked_and_recovers() -> None:
     await client.aclose()
 
 
+async def test_one_slow_health_answer_does_not_take_a_busy_replica_out() -> None:
+    """A server busy decoding can miss one check's deadline; only a second miss in a row
+    (``health_failures``) takes it out, and an answer clears the count."""
+    state = {"slow": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if state["slow"]:
+            raise httpx.ReadTimeout("slow", request=request)
+        return httpx.Response(200, json=MODELS)
+
+    client = _client(httpx.MockTransport(handler), "http://a")
+    await client.check_health()
+    state["slow"] = True
+    await client.check_health()
+    assert client.ready, "one slow answer"
+    state["slow"] = False
+    await client.check_health()
+    state["slow"] = True
+    await client.check_health()
+    assert client.ready, "the answer in between cleared the count"
+    await client.check_health()
+    assert not client.ready, "two slow answers in a row"
+    await client.aclose()
+
+
 def test_affinity_keeps_a_prefix_on_one_replica_until_it_is_loaded() -> None:
     replicas = [Replica(f"http://r{i}", healthy=True, models=frozenset({"m"})) for i in range(4)]
 
