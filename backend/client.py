@@ -200,7 +200,8 @@ class BackendClient:
         except (BackendError, ValueError, KeyError, TypeError) as exc:
             replica.failed_checks += 1
             refused = isinstance(exc, BackendConnectError)
-            if replica.healthy and (refused or replica.failed_checks >= self.settings.health_failures):
+            given_up = refused or replica.failed_checks >= self.settings.health_failures
+            if replica.healthy and given_up:
                 log.warning("replica %s is unhealthy: %s", replica.url, exc)
                 replica.healthy = False
             return

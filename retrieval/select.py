@@ -75,6 +75,10 @@ class SelectSettings(BaseModel):
     already kept, against its score (0: pure score order)."""
     near_duplicate: float = Field(0.7, gt=0, le=1)
     """Word-trigram Jaccard at which a section counts as a repeat of an earlier one."""
+    keep_at_least: int = Field(1, ge=0)
+    """The best candidates kept even past the budget. When the protected text alone fills
+    the target, a budget of 0 would otherwise send the question without any of its
+    context, which is never what the caller wants from a shorter prompt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +309,8 @@ class Selector:
 
     def choose(self, budget: int, chosen: Iterable[int] = ()) -> Selection:
         """Hard candidates and ``chosen`` ones (an earlier selection's), then the best ones
-        while they fit in ``budget`` tokens."""
+        while they fit in ``budget`` tokens (the first ``keep_at_least`` whether or not
+        they fit)."""
         keep: set[int] = set()
         used = 0
         headings = self._headings()
@@ -314,6 +319,7 @@ class Selector:
             if c.segment.hard or i in already:
                 keep.add(i)
                 used += c.tokens
+        picked = sum(1 for i in already if not self.candidates[i].segment.hard)
         for i in self._order(keep):
             heading = headings.get(self.candidates[i].section)
             extra = (
@@ -322,10 +328,11 @@ class Selector:
                 else 0
             )
             cost = self.candidates[i].tokens + extra
-            if used + cost > budget:
+            if used + cost > budget and picked >= self.settings.keep_at_least:
                 continue
             keep.add(i)
             used += cost
+            picked += 1
             if heading is not None:
                 keep.add(heading)
         for i in list(keep):

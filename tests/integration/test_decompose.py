@@ -102,9 +102,22 @@ def test_independent_steps_overlap_and_dependent_ones_wait(
     assert a3 >= max(b1, b2), f"step 3 started before its inputs were answered: {spans}"
 
 
-def test_a_bad_stored_plan_answers_directly(vllm_url: str, redis_url: str, tmp_path: Path) -> None:
+BAD_PLANS = {
+    "a cycle": [
+        {"question": "Which comes first?", "needs": [2]},
+        {"question": "Which comes second?", "needs": [1]},
+    ],
+    "a missing reference": [*INDEPENDENT[:2], {"question": "And the third?", "needs": [7]}],
+    "too many steps": [{"question": f"What is {n} plus {n}?", "needs": []} for n in range(9)],
+}
+
+
+@pytest.mark.parametrize("why", sorted(BAD_PLANS))
+def test_a_bad_stored_plan_answers_directly(
+    why: str, vllm_url: str, redis_url: str, tmp_path: Path
+) -> None:
     question = _question()
-    _seed(redis_url, question, [{"question": "Which comes first?", "needs": [2]}, *INDEPENDENT])
+    _seed(redis_url, question, BAD_PLANS[why])
     with _proxy(vllm_url, tmp_path, redis_url) as proxy:
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json=_body(question), timeout=300)
         failed = metric_total(proxy.url, "leangate_stage_failed_open_total")
@@ -113,6 +126,41 @@ def test_a_bad_stored_plan_answers_directly(vllm_url: str, redis_url: str, tmp_p
     direct = httpx.post(f"{vllm_url}/v1/chat/completions", json=_body(question), timeout=300)
     content = response.json()["choices"][0]["message"]["content"]
     assert content == direct.json()["choices"][0]["message"]["content"]
+
+
+CACHED_STEPS = """
+rules:
+  - name: decompose-then-cache
+    stages:
+      - use: decompose
+        settings: {mode: always, max_steps: 4, step_tokens: 16}
+      - use: cache
+        budget_ms: 2000
+        settings: {namespace: "%s", ttl_s: 600, semantic: false}
+"""
+
+
+def test_a_sub_question_answered_before_comes_from_the_result_cache(
+    vllm_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """With ``cache`` after ``decompose``, each step is a request of its own to the cache:
+    a second question whose plan shares a step with the first's gets that step's answer
+    without a backend call; its new step misses."""
+    first, second = _question(), _question()
+    shared = {"question": f"What colour is a ripe banana? ({uuid.uuid4().hex[:6]})", "needs": []}
+    _seed(redis_url, first, [shared, {"question": "What colour is the sky?", "needs": []}])
+    _seed(redis_url, second, [shared, {"question": "What colour is grass?", "needs": []}])
+    policy = write_policy(tmp_path, CACHED_STEPS % uuid.uuid4().hex[:8])
+    settings = proxy_settings(vllm_url, policy=policy, redis_url=redis_url)
+    with ProxyThread(settings) as proxy:
+        url = f"{proxy.url}/v1/chat/completions"
+        answers = [httpx.post(url, json=_body(q), timeout=300) for q in (first, second)]
+        hits = metric_total(proxy.url, "leangate_cache_lookups_total", outcome="hit")
+        misses = metric_total(proxy.url, "leangate_cache_lookups_total", outcome="miss")
+    for answer in answers:
+        answer.raise_for_status()
+        assert "plan=cache" in answer.headers[PLAN_HEADER]
+    assert (hits, misses) == (1, 3), "the shared step once from the cache; the others missed"
 
 
 def test_the_synthesis_streams_to_the_openai_client(

@@ -211,6 +211,21 @@ def test_mmr_prefers_a_new_fact_to_a_restatement() -> None:
     assert 2 in chosen.keep and len(chosen.keep) == 2
 
 
+def test_a_budget_the_protected_text_fills_still_keeps_the_best_sentence() -> None:
+    text = (
+        "## Harbour\nThe Varell ferry leaves the harbour at noon. Gulls nest on the pier.\n\n"
+        "## Kiosk\nTickets for the Varell ferry are sold at the kiosk."
+    )
+    candidates = candidates_of(segment(text), _count)
+    question = "Where are tickets for the Varell ferry sold?"
+    kept = Selector(question, candidates, SelectSettings()).choose(0).keep
+    assert sorted(candidates[i].text for i in kept) == [
+        "## Kiosk",
+        "Tickets for the Varell ferry are sold at the kiosk.",
+    ]
+    assert not Selector(question, candidates, SelectSettings(keep_at_least=0)).choose(0).keep
+
+
 def test_ranked_titles_lists_each_section_once_best_first() -> None:
     text = (
         "## Harbour\nThe Varell ferry leaves the harbour at noon. Gulls nest on the pier.\n\n"
