@@ -81,7 +81,7 @@ rules:
   - name: decompose
     stages:
       - use: decompose
-        settings: {{mode: always, max_steps: {MAX_STEPS}}}
+        settings: {{mode: always, max_steps: {MAX_STEPS}, cache_answers: false}}
 """
 LATENCY_PLAN: list[dict[str, Any]] = [
     {"question": "What is a good first houseplant for a dark room?", "needs": []},

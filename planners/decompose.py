@@ -6,7 +6,10 @@
    reuses its plan.
 2. *Solve*: every step starts as soon as the steps it uses are answered; steps with
    nothing pending run at once (vLLM batches them). Sub-questions go through the rest of
-   the chain, so the result cache answers one it has seen.
+   the chain (a ``rag`` stage there retrieves for each). Sub-answers are kept in the
+   intermediate-result cache, so a step asked again is not solved again; the key holds the
+   step's whole request and the client's attached documents, not a named corpus's
+   contents, so an answer can outlive a corpus update by the cache's TTL (an hour).
 3. *Synthesize*: a last call answers the question from the sub-answers, streamed to the
    client when it asked for a stream; usage is summed over every call.
 
@@ -41,6 +44,7 @@ from leangate.planners.requests import plannable_question, sampling
 
 PLAN_HEADER = "x-leangate-plan"
 PLAN_KIND = "decompose-plan"
+ANSWER_KIND = "decompose-answer"
 
 DECOMPOSE_SYSTEM = (
     "Split the user's question into 2 to {max_steps} short sub-questions, one per line, "
@@ -75,6 +79,11 @@ class DecomposeSettings(BaseModel):
     """Time limit of each step's sub-request; one over it fails the plan (answered directly)."""
     cache_plans: bool = True
     """Keep plans in the intermediate-result cache, per tenant, decomposer model and question."""
+    cache_answers: bool = True
+    """Keep sub-answers in the intermediate-result cache, per tenant, step request (its
+    model, prompt with the answers it uses, and caps) and the client's answer-changing
+    options (attached documents): a step asked again, by the same question or by another
+    plan, is not solved again."""
 
 
 def plan_request(question: str, model: str, max_steps: int, max_tokens: int) -> dict[str, Any]:
@@ -116,6 +125,8 @@ class Solved:
 
     answers: dict[int, str] = field(default_factory=dict)
     spans: dict[int, tuple[float, float]] = field(default_factory=dict)
+    cached: int = 0
+    """Steps whose answer came from the intermediate-result cache."""
 
     def header(self) -> str:
         return ",".join(f"{n}:{a:.2f}-{b:.2f}" for n, (a, b) in sorted(self.spans.items()))
@@ -145,9 +156,11 @@ class DecomposeStage:
         started = time.perf_counter()
         plan, source = await self.plan(ctx, question)
         solved = await self.solve(ctx, plan)
+        calls = len(plan.steps) - solved.cached + (2 if source == "model" else 1)
         ctx.response_headers[PLAN_HEADER] = (
             f"decompose; reason={reason}; steps={len(plan.steps)}; "
-            f"depth={plan.depth()}; plan={source}; calls={len(plan.steps) + 2}; "
+            f"depth={plan.depth()}; plan={source}; answers_cached={solved.cached}; "
+            f"calls={calls}; "
             f"solve_s={max(b for _, b in solved.spans.values()):.2f}; spans={solved.header()}"
         )
         ctx.scope.defer(lambda: self._record(started))
@@ -198,12 +211,20 @@ class DecomposeStage:
             inputs = [await tasks[n] for n in step.needs]
             began = time.perf_counter() - start
             body = self._step_body(ctx, step, plan, inputs)
-            answer = await asyncio.wait_for(
-                ctx.subrequests.complete(body, through_chain=True), self.settings.step_budget_s
-            )
-            text = answer_text(ctx.route, answer).strip()
-            if not text:
-                raise PlanError(f"step {step.number} got an empty answer")
+            key = [body, ctx.options.answer_inputs()]
+            text = await self._stored_answer(ctx, key)
+            if text is None:
+                answer = await asyncio.wait_for(
+                    ctx.subrequests.complete(body, through_chain=True),
+                    self.settings.step_budget_s,
+                )
+                text = answer_text(ctx.route, answer).strip()
+                if not text:
+                    raise PlanError(f"step {step.number} got an empty answer")
+                if self.settings.cache_answers:
+                    await self.plans.put(ctx.tenant, ANSWER_KIND, key, text)
+            else:
+                solved.cached += 1
             solved.answers[step.number] = text
             solved.spans[step.number] = (began, time.perf_counter() - start)
             return text
@@ -218,6 +239,12 @@ class DecomposeStage:
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             raise
         return solved
+
+    async def _stored_answer(self, ctx: RequestContext, key: list[Any]) -> str | None:
+        if not self.settings.cache_answers:
+            return None
+        stored = await self.plans.get(ctx.tenant, ANSWER_KIND, key)
+        return stored if isinstance(stored, str) and stored.strip() else None
 
     def _step_body(
         self, ctx: RequestContext, step: Step, plan: Plan, inputs: list[str]

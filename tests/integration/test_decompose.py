@@ -80,6 +80,7 @@ def test_plan_solve_synthesize_and_reuse_the_plan(vllm_url: str, tmp_path: Path)
     assert plan.startswith("decompose; reason=policy-always; steps="), plan
     assert "plan=model" in plan and "plan=cache" in again.headers[PLAN_HEADER]
     steps = int(plan.split("steps=")[1].split(";")[0])
+    assert f"answers_cached={steps}; calls=1;" in again.headers[PLAN_HEADER], "only synthesis"
     usage = first.json()["usage"]
     assert usage["prompt_tokens"] > (steps + 2) * 20  # the plan, every step, the synthesis
     assert first.json()["choices"][0]["message"]["content"].strip()
@@ -128,39 +129,25 @@ def test_a_bad_stored_plan_answers_directly(
     assert content == direct.json()["choices"][0]["message"]["content"]
 
 
-CACHED_STEPS = """
-rules:
-  - name: decompose-then-cache
-    stages:
-      - use: decompose
-        settings: {mode: always, max_steps: 4, step_tokens: 16}
-      - use: cache
-        budget_ms: 2000
-        settings: {namespace: "%s", ttl_s: 600, semantic: false}
-"""
-
-
-def test_a_sub_question_answered_before_comes_from_the_result_cache(
+def test_a_step_asked_before_is_not_solved_again(
     vllm_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    """With ``cache`` after ``decompose``, each step is a request of its own to the cache:
-    a second question whose plan shares a step with the first's gets that step's answer
-    without a backend call; its new step misses."""
-    first, second = _question(), _question()
+    """Sub-answers are kept per step request and attached documents: a second plan that
+    shares a step takes its answer from the intermediate cache; the same plan with other
+    documents solves every step again."""
+    first, second, third = _question(), _question(), _question()
     shared = {"question": f"What colour is a ripe banana? ({uuid.uuid4().hex[:6]})", "needs": []}
     _seed(redis_url, first, [shared, {"question": "What colour is the sky?", "needs": []}])
     _seed(redis_url, second, [shared, {"question": "What colour is grass?", "needs": []}])
-    policy = write_policy(tmp_path, CACHED_STEPS % uuid.uuid4().hex[:8])
-    settings = proxy_settings(vllm_url, policy=policy, redis_url=redis_url)
-    with ProxyThread(settings) as proxy:
+    _seed(redis_url, third, [shared, {"question": "What colour is grass?", "needs": []}])
+    documents = {"leangate": {"documents": [{"id": "d", "text": "Bananas here are blue."}]}}
+    with _proxy(vllm_url, tmp_path, redis_url, step_tokens=16) as proxy:
         url = f"{proxy.url}/v1/chat/completions"
-        answers = [httpx.post(url, json=_body(q), timeout=300) for q in (first, second)]
-        hits = metric_total(proxy.url, "leangate_cache_lookups_total", outcome="hit")
-        misses = metric_total(proxy.url, "leangate_cache_lookups_total", outcome="miss")
-    for answer in answers:
-        answer.raise_for_status()
-        assert "plan=cache" in answer.headers[PLAN_HEADER]
-    assert (hits, misses) == (1, 3), "the shared step once from the cache; the others missed"
+        bodies = [_body(first), _body(second), _body(third, **documents)]
+        headers = [httpx.post(url, json=b, timeout=300).headers[PLAN_HEADER] for b in bodies]
+    assert "answers_cached=0; calls=3;" in headers[0], headers[0]
+    assert "answers_cached=1; calls=2;" in headers[1], headers[1]
+    assert "answers_cached=0; calls=3;" in headers[2], "other documents, other answers"
 
 
 def test_the_synthesis_streams_to_the_openai_client(
