@@ -37,11 +37,17 @@ rules:
       - use: decompose
         settings: {mode: always, max_steps: 4, step_tokens: %d}
 """
-INDEPENDENT: list[dict[str, Any]] = [
-    {"question": "What colour is a ripe banana?", "needs": []},
-    {"question": "What colour is a clear sky at noon?", "needs": []},
-    {"question": "Which of those two colours is warmer?", "needs": [1, 2]},
-]
+
+
+def _independent() -> list[dict[str, Any]]:
+    """Two independent steps and one that uses both. Each call words them anew: sub-answers
+    are cached in the shared Redis, and a test that times steps needs them solved."""
+    tag = uuid.uuid4().hex[:6]
+    return [
+        {"question": f"What colour is a ripe banana? ({tag})", "needs": []},
+        {"question": f"What colour is a clear sky at noon? ({tag})", "needs": []},
+        {"question": "Which of those two colours is warmer?", "needs": [1, 2]},
+    ]
 
 
 def _proxy(
@@ -90,7 +96,7 @@ def test_independent_steps_overlap_and_dependent_ones_wait(
     vllm_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     question = _question()
-    _seed(redis_url, question, INDEPENDENT)
+    _seed(redis_url, question, _independent())
     with _proxy(vllm_url, tmp_path, redis_url) as proxy:
         response = httpx.post(f"{proxy.url}/v1/chat/completions", json=_body(question), timeout=300)
     response.raise_for_status()
@@ -108,7 +114,7 @@ BAD_PLANS = {
         {"question": "Which comes first?", "needs": [2]},
         {"question": "Which comes second?", "needs": [1]},
     ],
-    "a missing reference": [*INDEPENDENT[:2], {"question": "And the third?", "needs": [7]}],
+    "a missing reference": [*_independent()[:2], {"question": "And the third?", "needs": [7]}],
     "too many steps": [{"question": f"What is {n} plus {n}?", "needs": []} for n in range(9)],
 }
 
@@ -136,10 +142,10 @@ def test_a_step_asked_before_is_not_solved_again(
     shares a step takes its answer from the intermediate cache; the same plan with other
     documents solves every step again."""
     first, second, third = _question(), _question(), _question()
-    shared = {"question": f"What colour is a ripe banana? ({uuid.uuid4().hex[:6]})", "needs": []}
-    _seed(redis_url, first, [shared, {"question": "What colour is the sky?", "needs": []}])
-    _seed(redis_url, second, [shared, {"question": "What colour is grass?", "needs": []}])
-    _seed(redis_url, third, [shared, {"question": "What colour is grass?", "needs": []}])
+    banana, sky, grass = _independent()[0], *_independent()[:2]
+    _seed(redis_url, first, [banana, sky])
+    _seed(redis_url, second, [banana, grass])
+    _seed(redis_url, third, [banana, grass])
     documents = {"leangate": {"documents": [{"id": "d", "text": "Bananas here are blue."}]}}
     with _proxy(vllm_url, tmp_path, redis_url, step_tokens=16) as proxy:
         url = f"{proxy.url}/v1/chat/completions"
@@ -155,7 +161,7 @@ def test_the_synthesis_streams_to_the_openai_client(
 ) -> None:
     question = _question()
     # an API key no policy lists is a tenant of its own: the plan is seeded for it
-    _seed(redis_url, question, INDEPENDENT, parse_policy(NO_STAGES).tenant_for_key("k") or "")
+    _seed(redis_url, question, _independent(), parse_policy(NO_STAGES).tenant_for_key("k") or "")
     with _proxy(vllm_url, tmp_path, redis_url) as proxy:
         client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
@@ -177,9 +183,10 @@ def test_the_synthesis_streams_to_the_openai_client(
 def test_a_client_that_leaves_stops_every_step(
     vllm_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    question = _question()
+    question, tag = _question(), uuid.uuid4().hex[:6]
     long = [
-        {"question": f"List {n} hundred animal names, one per line.", "needs": []} for n in (1, 2)
+        {"question": f"List {n} hundred animal names, one per line ({tag}).", "needs": []}
+        for n in (1, 2)
     ]
     _seed(redis_url, question, long)
     with _proxy(vllm_url, tmp_path, redis_url, step_tokens=1000) as proxy:
