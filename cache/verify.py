@@ -262,8 +262,12 @@ def is_content_token(piece: str) -> bool:
 
 def token_alignment(query: np.ndarray, candidate: np.ndarray) -> float:
     """Mean over ``query`` token rows of the best cosine with a ``candidate`` token row."""
-    sims = np.asarray(query, dtype=np.float32) @ np.asarray(candidate, dtype=np.float32).T
-    return float(sims.max(axis=1).mean())
+    return float(_token_cosines(query, candidate).max(axis=1).mean())
+
+
+def _token_cosines(query: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Every ``query`` token row's cosine with every ``candidate`` token row."""
+    return np.asarray(query, dtype=np.float32) @ np.asarray(candidate, dtype=np.float32).T
 
 
 def _norm_word(word: str) -> str:
@@ -528,7 +532,7 @@ def _mutual_alignment(query: np.ndarray | None, candidate: np.ndarray | None) ->
     (entries stored without them are judged on the other rules alone)."""
     if query is None or candidate is None or not len(query) or not len(candidate):
         return 1.0
-    sims = np.asarray(query, dtype=np.float32) @ np.asarray(candidate, dtype=np.float32).T
+    sims = _token_cosines(query, candidate)  # once for both directions
     return float(min(sims.max(axis=1).mean(), sims.max(axis=0).mean()))
 
 

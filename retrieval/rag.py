@@ -376,15 +376,15 @@ def select_evidence(
     budget = budget_of(pool, settings)
     if pool.tokens <= budget or not pool.candidates:
         return whole(pool), "within-budget"
-    kept: set[int] = set()
-    scores = np.zeros(len(pool.candidates))
-    if anchor is not None and settings.anchor_share > 0:
+    selector = scored(pool, question, settings, dense)
+    if anchor is None or not settings.anchor_share:
+        keep, scores = selector.choose(budget).keep, selector.scores
+    else:
         first = scored(pool, anchor, settings)
         kept = first.choose(math.floor(budget * settings.anchor_share)).keep
-        scores = first.scores
-    selector = scored(pool, question, settings, dense)
-    keep = selector.choose(budget, kept).keep
-    return write(pool, keep, np.maximum(scores, selector.scores), settings.order), "selected"
+        keep = selector.choose(budget, kept).keep
+        scores = np.maximum(first.scores, selector.scores)
+    return write(pool, keep, scores, settings.order), "selected"
 
 
 def scored(
