@@ -17,6 +17,7 @@ from leangate.backend.sse import DONE_EVENT, encode_event
 from leangate.backend.tokenizer import Tokenizer
 from leangate.backend.transport import HttpxTransport
 from leangate.cache.embedder import Embedder
+from leangate.cache.intermediate import IntermediateCache
 from leangate.cache.services import Breaker, CacheServices
 from leangate.cache.stage import CacheSettings, CacheStage
 from leangate.cache.store import MemoryStore, Store, StoreError
@@ -283,3 +284,20 @@ async def test_a_dead_store_logs_once_per_outage(caplog: pytest.LogCaptureFixtur
         "leangate_cache_errors_total", {"operation": "lookup"}
     )
     assert lookups == 20, "every failure is still counted"
+
+
+async def test_the_intermediate_cache_fails_open_on_a_dead_store() -> None:
+    """Plans, summaries and sub-answers rely on it: a read is a miss, a write is dropped,
+    and both are counted; the caller never sees the store's error."""
+    metrics = Metrics()
+    cache = CacheServices(_DeadStore(), metrics)
+    cache.breaker = Breaker(pause_s=0.0, max_pause_s=0.0)
+    intermediate = IntermediateCache(cache)
+    assert await intermediate.get("t", "decompose-answer", ["step"]) is None
+    await intermediate.put("t", "decompose-answer", ["step"], "an answer")
+    await cache.drain()
+    errors = {
+        op: metrics.registry.get_sample_value("leangate_cache_errors_total", {"operation": op})
+        for op in ("intermediate-get", "intermediate-put")
+    }
+    assert errors == {"intermediate-get": 1, "intermediate-put": 1}
