@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import orjson
 import pytest
 from conftest import MODEL, ProxyThread, proxy_settings, vllm_running, wait_for, write_policy
@@ -60,26 +62,41 @@ def test_outline_then_points_with_summed_usage(vllm_url: str, tmp_path: Path) ->
 
 
 def test_points_stream_in_order_and_overlap(vllm_url: str, tmp_path: Path) -> None:
-    with _proxy(vllm_url, tmp_path, "always") as proxy:
-        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k", max_retries=0)
-        peak = 0.0
-        pieces = []
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": QUESTION}],
-            max_tokens=120,
-            temperature=0,
-            stream=True,
-        )
-        for chunk in stream:
-            if chunk.choices:
-                pieces.append(chunk.choices[0].delta.content or "")
-            if len(pieces) % 5 == 1:
-                peak = max(peak, metric_total(vllm_url, "vllm:num_requests_running"))
-    text = "".join(pieces)
+    wait_for(lambda: vllm_running(vllm_url) == 0, 120, "vLLM still busy with an earlier test")
+    body = _body(stream=True)
+    with (
+        _proxy(vllm_url, tmp_path, "always") as proxy,
+        _peak_running(vllm_url) as peak,
+        httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=300) as r,
+    ):
+        plan = r.headers[PLAN_HEADER]
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    assert plan == "sot; reason=policy-always"
+    chunks = [orjson.loads(event)["choices"] for event in events]
+    text = "".join(choice[0]["delta"].get("content") or "" for choice in chunks if choice)
     positions = [text.find(f"{i}. ") for i in range(1, 5)]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), text
-    assert peak >= 3, "the points were generated at the same time"
+    assert peak[0] >= 3, "the points were not generated at the same time"
+
+
+@contextlib.contextmanager
+def _peak_running(vllm_url: str) -> Iterator[list[float]]:
+    """The most sequences vLLM ran at once while the block ran, polled every 50 ms (a
+    sample taken per streamed chunk can miss points that ran while others were buffered)."""
+    peak = [0.0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], vllm_running(vllm_url))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        poller.join()
 
 
 def test_an_outline_that_does_not_parse_answers_directly(vllm_url: str, tmp_path: Path) -> None:
