@@ -10,6 +10,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from leangate.backend.client import BackendSettings
 
+FORWARD_PATHS = (
+    "/v1/embeddings",
+    "/tokenize",
+    "/detokenize",
+    "/v1/score",
+    "/score",
+    "/v1/rerank",
+    "/rerank",
+    "/pooling",
+    "/classify",
+)
+"""vLLM's JSON endpoints besides completions (``middleware/forwarding.py``)."""
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEANGATE_", extra="ignore")
@@ -46,6 +59,10 @@ class Settings(BaseSettings):
     corpus_dir: Path | None = None
     """Where the corpora's indexes (and, without Redis, their chunks) are kept; default
     ``$LEANGATE_HOME/corpora`` (``~/.cache/leangate/corpora``)."""
+    forward_paths: list[str] = Field(default_factory=lambda: list(FORWARD_PATHS))
+    """Backend endpoints besides completions that are forwarded as they are (POST, JSON,
+    not streamed; no stage runs on them), under the same keys and limits
+    (``LEANGATE_FORWARD_PATHS='["/v1/embeddings"]'``; ``[]`` forwards none)."""
     drain_timeout_s: int = Field(25, ge=0)
     """On SIGTERM, how long requests in flight (streams included) may take to finish before
     they are cut; whole seconds, as uvicorn counts them. 25 fits Kubernetes' default

@@ -11,7 +11,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -30,18 +30,18 @@ from leangate.cache.purge import purge
 from leangate.cache.stats import count_entries
 from leangate.cache.store import StoreError
 from leangate.middleware.admin_api import add_admin_routes, admin_refusal, error, is_admin
+from leangate.middleware.body import read_body
 from leangate.middleware.context import RequestContext, Result, StreamResult, aclose_quietly
 from leangate.middleware.corpora_api import add_corpus_routes
 from leangate.middleware.errors import (
     ClientGone,
-    InvalidRequest,
-    PayloadTooLarge,
     ProxyError,
     ShuttingDown,
     describe_validation_error,
     error_response,
     stream_error_payload,
 )
+from leangate.middleware.forwarding import forward_call
 from leangate.middleware.gateway import Gateway
 from leangate.middleware.metrics import Metrics
 from leangate.middleware.openapi import describe_routes
@@ -78,11 +78,14 @@ class LeanGateApp:
 
     ``POST`` to the completion routes goes straight to the gateway: on the hot path,
     FastAPI's routing, request object and middleware stack would cost more CPU than the
-    rest of the proxy. Everything else, the lifespan included, is the FastAPI app's.
+    rest of the proxy. ``POST`` to ``forward_paths`` (the backend's embeddings, tokenize,
+    ...) is forwarded as it is (``forwarding.py``). Everything else, the lifespan
+    included, is the FastAPI app's.
     """
 
-    def __init__(self, api: FastAPI) -> None:
+    def __init__(self, api: FastAPI, forward_paths: Iterable[str] = ()) -> None:
         self.api = api
+        self.forward_paths = frozenset(forward_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -94,6 +97,12 @@ class LeanGateApp:
                 finally:
                     if ctx is not None and not ctx.scope.idle:
                         await ctx.scope.aclose()
+                return
+            if scope["path"] in self.forward_paths:
+                state = self.api.state
+                limit = state.settings.max_body_bytes
+                response = await forward_call(state.gateway, limit, scope, receive)
+                await response(scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
@@ -135,7 +144,7 @@ def create_app(
     add_admin_routes(app)
     describe_routes(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    return LeanGateApp(app)
+    return LeanGateApp(app, settings.forward_paths)
 
 
 # --- completion routes -----------------------------------------------------------------------
@@ -154,7 +163,7 @@ async def _complete(
     try:
         tenant = await gateway.tenant_for(headers)
         limit = gateway.body_limit(tenant, state.settings.max_body_bytes)
-        body = await _read_body(receive, headers, limit)
+        body = await read_body(receive, headers, limit)
         ctx = gateway.prepare(route, body, headers, tenant)
         labels = _Labels(route, ctx.model, gateway.tenant_label(ctx.tenant), started)
         ctx.scope.on_fanout = watch.start
@@ -241,25 +250,6 @@ class ClientWatch:
 
 def _is_unexpected(exc: Exception) -> bool:
     return not isinstance(exc, BackendError | ProxyError)
-
-
-async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
-    declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("the client disconnected before sending its request")
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _render(result: Result, ctx: RequestContext, metrics: Metrics, labels: _Labels) -> Response:

@@ -5,15 +5,14 @@ The ASGI app (``app.py``) and the in-process SDK both drive this class.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
-import orjson
 from pydantic import ValidationError
 
 from leangate.backend.client import BackendClient
 from leangate.backend.errors import ModelNotFound
 from leangate.cache.store import StoreError
+from leangate.middleware.body import parse_object
 from leangate.middleware.chains import ChainBook
 from leangate.middleware.context import RequestContext, Result
 from leangate.middleware.endpoint import forward
@@ -27,9 +26,6 @@ from leangate.middleware.services import Services
 from leangate.middleware.tracing import Attributes
 
 NO_OPTIONS = RequestOptions()
-MAX_JSON_DEPTH = 64
-"""Far deeper than any request needs. orjson writes at most 255 levels (cache keys, a
-body a stage changed), so a deeper body that was accepted would fail later, as a 500."""
 STAGES_HEADER = "x-leangate-stages"
 DISABLE_HEADER = "x-leangate-disable"
 
@@ -123,7 +119,7 @@ class Gateway:
         self, route: Route, body: bytes, headers: Mapping[str, str], tenant: str
     ) -> RequestContext:
         """Validate the request of ``tenant`` (from ``tenant_for``) into its context."""
-        data = _parse_object(body)
+        data = parse_object(body)
         raw: bytes | None = body
         options_field = data.pop("leangate", None)
         if options_field is not None:
@@ -144,37 +140,6 @@ class Gateway:
         if self.backend.ready and not self.backend.serves(ctx.model):
             raise ModelNotFound(ctx.model)
         return ctx
-
-
-def _parse_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and _nested_over(data, MAX_JSON_DEPTH):
-        raise InvalidRequest(
-            f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
-        )
-    return data
-
-
-def _nested_over(data: object, limit: int) -> bool:
-    """Whether ``data`` has more than ``limit`` levels of objects and arrays."""
-    stack: list[tuple[object, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Iterable[object] = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

@@ -34,6 +34,7 @@ from leangate.cache.store import StoreError
 from leangate.middleware.context import RequestContext
 from leangate.middleware.errors import InvalidRequest, PayloadTooLarge, ProxyError, RateLimited
 from leangate.middleware.metrics import Metrics
+from leangate.middleware.scope import RequestScope
 
 T = TypeVar("T")
 
@@ -109,22 +110,31 @@ class Limiter:
         except ProxyError as exc:
             self._metrics.limited.labels(exc.code or "size").inc()
             raise
+        if limits.counted:
+            await self.admit_call(ctx.tenant, limits, ctx.scope, lambda: tokens_charged(ctx))
+
+    async def admit_call(
+        self, tenant: str, limits: Limits, scope: RequestScope, cost: int | Callable[[], int]
+    ) -> None:
+        """Count one call of ``tenant`` against its rates, ``cost`` tokens (or a function
+        that counts them, called only under a token limit), and take a concurrency slot,
+        given back when ``scope`` closes. Raises ``RateLimited`` or ``PayloadTooLarge``."""
         if not limits.counted:
             return
         if limits.requests_per_minute:
-            await self._hit("requests", ctx.tenant, limits.requests_per_minute, 1)
+            await self._hit("requests", tenant, limits.requests_per_minute, 1)
         if limits.tokens_per_minute:
-            cost = tokens_charged(ctx)
-            if cost > limits.tokens_per_minute:
+            tokens = cost() if callable(cost) else cost
+            if tokens > limits.tokens_per_minute:
                 self._metrics.limited.labels("tokens_over_limit").inc()
                 raise PayloadTooLarge(
-                    f"this request alone counts {cost} tokens, over the limit of "
+                    f"this request alone counts {tokens} tokens, over the limit of "
                     f"{limits.tokens_per_minute} tokens per minute",
                     code="tokens_over_limit",
                 )
-            await self._hit("tokens", ctx.tenant, limits.tokens_per_minute, cost)
+            await self._hit("tokens", tenant, limits.tokens_per_minute, tokens)
         if limits.concurrent_requests:
-            slots = self._slots.acquire(ctx.tenant, limits.concurrent_requests)
+            slots = self._slots.acquire(tenant, limits.concurrent_requests)
             release = await self._guarded(slots)
             if release is False:
                 self._metrics.limited.labels("concurrent_requests").inc()
@@ -133,7 +143,7 @@ class Limiter:
                     retry_after_s=1,
                 )
             if callable(release):
-                ctx.scope.defer(release)
+                scope.defer(release)
 
     async def _hit(self, kind: str, tenant: str, per_minute: int, cost: int) -> None:
         item = RateLimitItemPerMinute(per_minute)

@@ -21,8 +21,8 @@ from leangate.cache.keys import (
     semantic_key,
     semantic_parts,
 )
+from leangate.middleware.body import MAX_JSON_DEPTH, parse_object
 from leangate.middleware.context import RequestContext
-from leangate.middleware.gateway import MAX_JSON_DEPTH, _parse_object
 from leangate.middleware.protocol import ChatCompletionRequest
 
 KEY = re.compile(r"lg:[0-9a-f]{16}:[0-9a-f]{16}:(ans|sem):[0-9a-f]{64}")
@@ -60,7 +60,7 @@ def _bodies(draw: st.DrawFn) -> dict[str, Any]:
         "model": draw(st.text(max_size=12)),
         "messages": draw(st.lists(_message, min_size=1, max_size=4)),
     }
-    parsed = _parse_object(orjson.dumps(body))
+    parsed = parse_object(orjson.dumps(body))
     try:
         ChatCompletionRequest.model_validate(parsed)
     except ValueError:
@@ -134,7 +134,7 @@ def test_a_body_as_deep_as_accepted_has_keys() -> None:
     deep: Any = "bottom"
     for _ in range(MAX_JSON_DEPTH - 1):
         deep = [deep]
-    body = _parse_object(
+    body = parse_object(
         orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "d": deep})
     )
     assert KEY.fullmatch(answer_key(_ctx(body), "ns", exact_hash(_ctx(body))))

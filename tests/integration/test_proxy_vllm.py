@@ -231,3 +231,25 @@ def test_requests_and_first_events_are_labelled_by_model_and_bounded_tenant(
         f'leangate_requests_total{{model="{MODEL}",route="chat",status="200",tenant="other"}}'
         in text
     )
+
+
+def test_tokenize_and_detokenize_are_forwarded(proxy: ProxyThread, vllm_url: str) -> None:
+    body = {"model": MODEL, "prompt": "Name three colors."}
+    via = httpx.post(proxy.url + "/tokenize", json=body, timeout=60)
+    direct = httpx.post(vllm_url + "/tokenize", json=body, timeout=60)
+    assert via.status_code == 200 and via.json() == direct.json()
+    tokens = {"model": MODEL, "tokens": via.json()["tokens"]}
+    back = httpx.post(proxy.url + "/detokenize", json=tokens, timeout=60)
+    assert back.json()["prompt"] == "Name three colors."
+
+
+def test_an_endpoint_the_model_does_not_serve_answers_as_vllm_does(
+    client: openai.OpenAI, vllm_url: str
+) -> None:
+    """SmolLM2 is served for generation: vLLM refuses embeddings, and so does the proxy,
+    with vLLM's own status and message."""
+    direct = httpx.post(vllm_url + "/v1/embeddings", json={"model": MODEL, "input": "a"})
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.embeddings.create(model=MODEL, input="a")
+    assert refused.value.status_code == direct.status_code >= 400
+    assert refused.value.response.content == direct.content

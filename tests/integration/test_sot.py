@@ -71,12 +71,25 @@ def test_points_stream_in_order_and_overlap(vllm_url: str, tmp_path: Path) -> No
     ):
         plan = r.headers[PLAN_HEADER]
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+        failures = _failed_open(proxy.url)
     assert plan == "sot; reason=policy-always"
+    assert not failures, f"SoT fell back to a direct answer: {failures}"
     chunks = [orjson.loads(event)["choices"] for event in events]
     text = "".join(choice[0]["delta"].get("content") or "" for choice in chunks if choice)
     positions = [text.find(f"{i}. ") for i in range(1, 5)]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), text
     assert peak[0] >= 3, "the points were not generated at the same time"
+
+
+def _failed_open(proxy_url: str) -> list[str]:
+    """The proxy's stages that failed open so far, with their reasons (metric samples)."""
+    text = httpx.get(f"{proxy_url}/metrics", timeout=10).text
+    name = "leangate_stage_failed_open_total"
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(name) and float(line.rsplit(" ", 1)[1]) > 0
+    ]
 
 
 @contextlib.contextmanager
