@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -63,6 +64,9 @@ class BackendSettings(BaseModel):
     affinity_prefix_chars: int = Field(512, ge=0)
     keepalive_s: float = Field(KEEPALIVE_S, gt=0)
     """How long an idle connection to a replica is kept open (see ``KEEPALIVE_S``)."""
+    transport: Literal["lean", "aiohttp"] = "lean"
+    """``lean``: asyncio protocols and httptools (``backend/lean.py``); ``aiohttp``: its
+    general-purpose client."""
 
 
 class _TrackedResponse(UpstreamResponse):
@@ -117,9 +121,7 @@ class BackendClient:
         self.settings = settings
         self._on_send = on_send
         self.replicas = [Replica(url.rstrip("/").removesuffix("/v1")) for url in settings.urls]
-        self._transport = transport or AiohttpTransport(
-            connect_timeout_s=settings.connect_timeout_s, keepalive_s=settings.keepalive_s
-        )
+        self._transport = transport or _requests_transport(settings)
         self._probes = transport or AiohttpTransport(
             connect_timeout_s=settings.connect_timeout_s,
             pool_size=2 * len(self.replicas),
@@ -298,3 +300,15 @@ class BackendClient:
                 content_type = response.headers.get("content-type", "application/json")
                 raise BackendStatusError(response.status, content, content_type)
             return tracked
+
+
+def _requests_transport(settings: BackendSettings) -> Transport:
+    if settings.transport == "lean":
+        from leangate.backend.lean import LeanTransport
+
+        return LeanTransport(
+            connect_timeout_s=settings.connect_timeout_s, keepalive_s=settings.keepalive_s
+        )
+    return AiohttpTransport(
+        connect_timeout_s=settings.connect_timeout_s, keepalive_s=settings.keepalive_s
+    )

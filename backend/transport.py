@@ -4,11 +4,12 @@ A ``Transport`` sends one ``UpstreamRequest`` and returns an ``UpstreamResponse`
 the status line and headers have arrived; the body is then read whole or chunk by chunk.
 Transports translate their library's exceptions into the tree of ``leangate.backend.errors``.
 
-``AiohttpTransport`` is the production transport. httpx is the design's general-purpose
-client, but on this project's 2-core machines aiohttp relayed with less than half of httpx's
-added latency and kept its pool healthy at concurrency 64 (see docs/performance.md), so the
-hot path uses aiohttp. ``HttpxTransport`` wraps any httpx transport, which lets unit tests of
-failure paths drive the client through ``httpx.MockTransport``.
+The production transport is ``LeanTransport`` (``backend/lean.py``): half of aiohttp's CPU
+per request. ``AiohttpTransport`` remains the alternative (and carries the health probes):
+on this project's 2-core machines it relayed with less than half of httpx's added latency
+and kept its pool healthy at concurrency 64 (see docs/performance.md). ``HttpxTransport``
+wraps any httpx transport, which lets unit tests of failure paths drive the client through
+``httpx.MockTransport``.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ END_GRACE_S = 0.5
 """How long ``aclose`` waits for the end of a body whose last event was ``[DONE]``."""
 
 
+def stream_finished(last_chunk: bytes) -> bool:
+    """Whether a stream's last bytes read were its ``[DONE]`` event (and the reader is not
+    being cancelled): its connection is then worth the wait for the end of the body."""
+    task = asyncio.current_task()
+    cancelled = task is not None and task.cancelling() > 0
+    return not cancelled and last_chunk[-16:].rstrip().endswith(_END_OF_STREAM)
+
+
 class _AiohttpResponse(UpstreamResponse):
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -136,7 +145,7 @@ class _AiohttpResponse(UpstreamResponse):
         """
         content = self._response.content
         try:
-            if not content.at_eof() and self._stream_finished():
+            if not content.at_eof() and stream_finished(self._last_chunk):
                 with contextlib.suppress(TimeoutError, aiohttp.ClientError):
                     async with asyncio.timeout(END_GRACE_S):
                         await content.readany()  # b"" at the end of the body, else data
@@ -145,12 +154,6 @@ class _AiohttpResponse(UpstreamResponse):
                 self._response.release()
             else:
                 self._response.close()
-
-    def _stream_finished(self) -> bool:
-        task = asyncio.current_task()
-        return (task is None or not task.cancelling()) and self._last_chunk[-16:].rstrip().endswith(
-            _END_OF_STREAM
-        )
 
 
 KEEPALIVE_S = 4.0

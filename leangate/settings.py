@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     """One URL, or several separated by commas (replicas)."""
     backend_api_key: SecretStr | None = None
     backend_timeout_s: float = Field(600.0, gt=0)
+    backend_transport: Literal["lean", "aiohttp"] = "lean"
+    """How requests reach the backend (``BackendSettings.transport``)."""
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("LEANGATE_REDIS_URL", "REDIS_URL")
     )
@@ -76,5 +78,6 @@ class Settings(BaseSettings):
             urls=self.backend_urls(),
             api_key=self.backend_api_key,
             timeout_s=self.backend_timeout_s,
+            transport=self.backend_transport,
             load_poll_s=self.load_poll_s,
         )

@@ -1,5 +1,5 @@
-"""The aiohttp transport against the benchmark responder, which ends a chunked body the way
-vLLM does: ``data: [DONE]`` first, the end of the body in a later write."""
+"""Both production transports against the benchmark responder, which ends a chunked body
+the way vLLM does: ``data: [DONE]`` first, the end of the body in a later write."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from leangate.backend import lean as lean_module
 from leangate.backend import transport as transport_module
+from leangate.backend.lean import LeanTransport
 from leangate.backend.sse import iter_events
-from leangate.backend.transport import AiohttpTransport, UpstreamRequest
+from leangate.backend.transport import AiohttpTransport, Transport, UpstreamRequest
 from leangate.bench.responder import ResponderConfig, start_responder
 
 CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
@@ -40,18 +42,24 @@ async def slow() -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture(params=[LeanTransport, AiohttpTransport])
+def make(request: pytest.FixtureRequest) -> type[Transport]:
+    kind: type[Transport] = request.param
+    return kind
+
+
 def _stream(url: str) -> UpstreamRequest:
     return UpstreamRequest("POST", url + "/v1/chat/completions", CHAT, stream=True)
 
 
-async def _stats(transport: AiohttpTransport, url: str) -> dict[str, int]:
+async def _stats(transport: Transport, url: str) -> dict[str, int]:
     response = await transport.send(UpstreamRequest("GET", url + "/stats"))
     stats: dict[str, int] = json.loads(await response.read())
     return stats
 
 
-async def test_consecutive_streams_reuse_one_connection(paced: str) -> None:
-    async with AiohttpTransport() as transport:
+async def test_consecutive_streams_reuse_one_connection(paced: str, make: type[Transport]) -> None:
+    async with make() as transport:
         for _ in range(5):
             response = await transport.send(_stream(paced))
             payloads = [p async for p in iter_events(response.iter_chunks())]
@@ -63,8 +71,10 @@ async def test_consecutive_streams_reuse_one_connection(paced: str) -> None:
     assert stats["streams_cut"] == 0
 
 
-async def test_a_stream_abandoned_early_drops_its_connection(paced: str) -> None:
-    async with AiohttpTransport() as transport:
+async def test_a_stream_abandoned_early_drops_its_connection(
+    paced: str, make: type[Transport]
+) -> None:
+    async with make() as transport:
         response = await transport.send(_stream(paced))
         chunks = response.iter_chunks()
         await anext(chunks)
@@ -76,10 +86,11 @@ async def test_a_stream_abandoned_early_drops_its_connection(paced: str) -> None
 
 
 async def test_a_body_that_does_not_end_after_done_is_dropped_after_the_grace(
-    slow: str, monkeypatch: pytest.MonkeyPatch
+    slow: str, make: type[Transport], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(transport_module, "END_GRACE_S", 0.05)
-    async with AiohttpTransport() as transport:
+    monkeypatch.setattr(lean_module, "END_GRACE_S", 0.05)
+    async with make() as transport:
         response = await transport.send(_stream(slow))
         assert len([p async for p in iter_events(response.iter_chunks())]) == 4
         started = asyncio.get_running_loop().time()
