@@ -128,12 +128,22 @@ class _Connection(asyncio.Protocol):
 
     # --- use ----------------------------------------------------------------------------------
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not closing (the server may have ended it, unnoticed so far)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     def start(self, head: bytes, body: bytes | None, response: LeanResponse) -> None:
         assert self.transport is not None
         self._response = response
         self.used += 1
         self.received = False
         self.transport.write(head + body if body else head)
+
+    def eof_received(self) -> None:
+        """The server ended its side: no request goes on this connection again (the
+        transport then closes it)."""
+        self.closed = True
 
     def _fail(self, exc: Exception) -> None:
         response, self._response = self._response, None
@@ -162,8 +172,16 @@ class _Pool:
         self.slots = asyncio.Semaphore(limit)
         self._sweep: asyncio.TimerHandle | None = None
 
-    async def get(self) -> _Connection:
-        await self.slots.acquire()
+    async def get(self, wait_s: float) -> _Connection:
+        """A connection for one request; waits at most ``wait_s`` for a free slot."""
+        if self.slots.locked():
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self.slots.acquire()
+            except TimeoutError:
+                raise BackendTimeout("every connection to the backend stayed busy") from None
+        else:
+            await self.slots.acquire()
         try:
             connection = self._idle() or await self._connect()
         except BaseException:
@@ -176,7 +194,7 @@ class _Pool:
         now = time.monotonic()
         while self.idle:
             connection = self.idle.pop()
-            if not connection.closed and now - connection.idle_since < self.keepalive_s:
+            if connection.usable and now - connection.idle_since < self.keepalive_s:
                 return connection
             connection.close()
         return None
@@ -386,10 +404,10 @@ class LeanTransport(Transport):
     async def _exchange(
         self, pool: _Pool, head: bytes, body: bytes, request: UpstreamRequest
     ) -> LeanResponse:
-        connection = await pool.get()
+        connection = await pool.get(request.timeout_s)
         response = LeanResponse(connection, request.timeout_s, request.stream)
-        connection.start(head, body, response)
         try:
+            connection.start(head, body, response)
             await response.wait_headers()
         except TimeoutError:
             connection.close()

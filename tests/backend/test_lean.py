@@ -317,3 +317,23 @@ async def test_a_whole_body_left_unread_leaves_a_connection_that_still_reads() -
         again = await asyncio.wait_for(transport.send(_post(url)), 2)
         assert await again.read() == big
     assert server.connections == 1
+
+
+async def test_a_request_waits_for_a_free_connection_no_longer_than_its_timeout() -> None:
+    def slow(server: Server) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.request(reader)
+            await asyncio.sleep(1)
+            writer.write(OK)
+            await writer.drain()
+
+        return handle
+
+    async with serving(slow) as (_, url), LeanTransport(pool_size=1) as transport:
+        first = asyncio.create_task(transport.send(_post(url)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BackendTimeout):
+            await transport.send(_post(url, timeout_s=0.1))
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
