@@ -18,8 +18,11 @@ docs/performance.md). This transport does only what that request needs:
   leave and aborts the generation; a stream whose last event was ``[DONE]`` gets
   ``END_GRACE_S`` for the end of its chunked body, so that it keeps its connection.
 
-Like aiohttp, it never resends a request: a connection the server closes just as the
-request goes out fails that request (``KEEPALIVE_S`` makes it rare).
+A request is sent again once, and only when it went out on a kept connection that then
+closed within ``STALE_WITHIN_S`` without a byte of answer: the server had closed that
+connection while it was idle and never read the request (``KEEPALIVE_S`` makes it rare).
+A response that is only HTTP/1.0 framed (its body ends when the connection does) is not
+understood; vLLM's server always frames its bodies.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class StaleConnection(BackendProtocolError):
     server never saw the request, so it is sent again, once, on a new connection."""
 
 
+STALE_WITHIN_S = 0.5
+"""A kept connection closed this soon after a request went out on it, with no answer, was
+stale: the server closed it idle. Later, the server may have read the request."""
 HIGH_WATER = 256 * 1024
 """Bytes of an unread body buffered before the socket stops reading."""
 
@@ -73,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         """Checked out of the pool: holds one of its slots until it is back or closed."""
         self.idle_since = 0.0
+        self.sent_at = 0.0
         self._response: LeanResponse | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -91,14 +98,12 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._response is not None and not self._response.complete:
-            if self.used > 1 and not self.received:
+            stale = time.monotonic() - self.sent_at < STALE_WITHIN_S
+            if self.used > 1 and not self.received and stale:
                 self._fail(StaleConnection("the backend closed an idle connection"))
             else:
                 self._fail(BackendProtocolError("the backend closed the connection mid-response"))
         self.pool.free(self)
-
-    def pause_writing(self) -> None:  # requests are small: never paused in practice
-        pass
 
     # --- httptools callbacks ------------------------------------------------------------------
 
@@ -138,6 +143,7 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self.used += 1
         self.received = False
+        self.sent_at = time.monotonic()
         self.transport.write(head + body if body else head)
 
     def eof_received(self) -> None:

@@ -160,8 +160,9 @@ KEEPALIVE_S = 4.0
 """How long an idle pooled connection is kept: under vLLM's own 5 s (uvicorn's
 ``timeout_keep_alive``, ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so that the proxy closes first.
 A connection the server closes just as the proxy sends on it fails the request with a 502
-that is not retried (bytes were sent). At any load worth a pool, connections are reused
-long before; after a burst, the idle ones close within a few seconds."""
+on aiohttp (bytes were sent); the lean transport sends it again once (``STALE_WITHIN_S``).
+At any load worth a pool, connections are reused long before; after a burst, the idle ones
+close within a few seconds."""
 
 
 class AiohttpTransport(Transport):
