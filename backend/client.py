@@ -65,8 +65,8 @@ class BackendSettings(BaseModel):
     keepalive_s: float = Field(KEEPALIVE_S, gt=0)
     """How long an idle connection to a replica is kept open (see ``KEEPALIVE_S``)."""
     transport: Literal["lean", "aiohttp"] = "lean"
-    """``lean``: asyncio protocols and httptools (``backend/lean.py``); ``aiohttp``: its
-    general-purpose client."""
+    """``lean``: asyncio protocols and httptools (``backend/lean.py``), for plain http
+    replicas (https ones go through aiohttp); ``aiohttp``: its general-purpose client."""
 
 
 class _TrackedResponse(UpstreamResponse):
@@ -303,7 +303,10 @@ class BackendClient:
 
 
 def _requests_transport(settings: BackendSettings) -> Transport:
-    if settings.transport == "lean":
+    """The transport ``settings`` ask for; aiohttp when a replica is reached over https,
+    which the lean transport does not speak."""
+    plain = all(url.startswith("http://") for url in settings.urls)
+    if settings.transport == "lean" and plain:
         from leangate.backend.lean import LeanTransport
 
         return LeanTransport(

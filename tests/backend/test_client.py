@@ -213,3 +213,18 @@ async def test_idle_request_connections_close_while_probes_go_on() -> None:
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("urls", "transport", "expected"),
+    [
+        (["http://a:8000", "http://b:8000"], "lean", "LeanTransport"),
+        (["http://a:8000", "https://b:8443"], "lean", "AiohttpTransport"),
+        (["http://a:8000"], "aiohttp", "AiohttpTransport"),
+    ],
+)
+def test_requests_go_through_the_transport_asked_for_unless_a_replica_needs_tls(
+    urls: list[str], transport: str, expected: str
+) -> None:
+    client = BackendClient(BackendSettings.model_validate({"urls": urls, "transport": transport}))
+    assert type(client._transport).__name__ == expected
