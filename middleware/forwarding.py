@@ -39,7 +39,7 @@ async def forward_call(
     started = time.perf_counter()
     path: str = scope["path"]
     headers = Headers(scope=scope)
-    model = tenant = ""
+    served = tenant = ""  # the model label: only a model a replica answered for
     request = RequestScope()
     try:
         tenant = await gateway.tenant_for(headers)
@@ -50,6 +50,7 @@ async def forward_call(
             cost = math.ceil(len(body) / DEFAULT_CHARS_PER_TOKEN)
             await gateway.limiter.admit_call(tenant, limits, request, cost)
         upstream = await gateway.backend.send(path, body, model=model, stream=False)
+        served = model
         content = await upstream.read()
         response = Response(content, upstream.status, media_type=_content_type(upstream.headers))
     except Exception as exc:
@@ -60,7 +61,7 @@ async def forward_call(
         await request.aclose()
     label = gateway.tenant_label(tenant) if tenant else ""
     seconds = time.perf_counter() - started
-    gateway.services.metrics.request_done(path, response.status_code, seconds, model, label)
+    gateway.services.metrics.request_done(path, response.status_code, seconds, served, label)
     return response
 
 

@@ -132,3 +132,8 @@ def test_forwarding_can_be_turned_off(tmp_path: Path) -> None:
         response = _post(running, "/v1/embeddings", b'{"input": "a"}')
     assert response.status_code in (404, 405)
     assert len(received) == before
+
+
+def test_an_unknown_model_is_not_a_metrics_label(proxy: ProxyThread) -> None:
+    _post(proxy, "/v1/embeddings", b'{"model": "made-up-7f3a", "input": "a"}')
+    assert "made-up-7f3a" not in httpx.get(f"{proxy.url}/metrics", timeout=10).text
