@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -39,6 +41,7 @@ from leangate.backend.transport import (
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+REQUEST_ID_HEADER = "x-request-id"
 
 
 class BackendSettings(BaseModel):
@@ -128,6 +131,9 @@ class BackendClient:
             keepalive_s=settings.keepalive_s,
         )
         self._headers = dict(JSON_HEADERS)
+        self._tag = secrets.token_hex(3)
+        """This client's part of the request ids it sends (replicas of the proxy differ)."""
+        self._calls = itertools.count()
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         self._health_task: asyncio.Task[None] | None = None
@@ -258,13 +264,24 @@ class BackendClient:
         model: str,
         stream: bool,
         affinity_key: Callable[[], bytes | None] | None = None,
+        request_id: str | None = None,
     ) -> UpstreamResponse:
         """POST ``body`` to ``path`` on a suitable replica.
 
         Returns the response once its headers have arrived with a 2xx status. An error
         status raises ``BackendStatusError`` with the server's body kept verbatim.
         ``affinity_key`` gives the prompt prefix when there are replicas to choose from.
+        ``request_id`` (the client's ``x-request-id``) goes to the server as its
+        ``X-Request-Id`` with a suffix unique to this call: vLLM names the request after it
+        (its logs, the answer's ``id``) and needs it unique, and one client request may
+        make several calls.
         """
+        headers = self._headers
+        if request_id is not None:
+            headers = {
+                **headers,
+                REQUEST_ID_HEADER: f"{request_id}-{self._tag}{next(self._calls):x}",
+            }
         tried: set[int] = set()
         while True:
             pool = [r for r in self.candidates(model) if id(r) not in tried] or None
@@ -275,7 +292,7 @@ class BackendClient:
                 "POST",
                 replica.url + path,
                 body,
-                self._headers,
+                headers,
                 self.settings.timeout_s,
                 stream,
             )

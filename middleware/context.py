@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from leangate.backend.client import BackendClient
+from leangate.backend.client import REQUEST_ID_HEADER, BackendClient
 from leangate.backend.transport import UpstreamResponse
 from leangate.middleware.protocol import (
     REQUEST_MODELS,
@@ -75,6 +76,15 @@ async def close_stream(result: StreamResult) -> None:
 
 
 Request = ChatCompletionRequest | CompletionRequest
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""What a client's ``x-request-id`` may be to be used (echoed, and sent on to the backend);
+anything else is ignored, never refused."""
+
+
+def client_request_id(headers: Mapping[str, str]) -> str | None:
+    """The client's ``x-request-id``, when it is one leangate passes on."""
+    given = headers.get(REQUEST_ID_HEADER)
+    return given if given is not None and REQUEST_ID.fullmatch(given) else None
 
 
 @dataclass(slots=True)

@@ -7,7 +7,13 @@ from functools import partial
 
 from leangate.backend.sse import iter_events
 from leangate.backend.transport import UpstreamResponse
-from leangate.middleware.context import JsonResult, RequestContext, Result, StreamResult
+from leangate.middleware.context import (
+    JsonResult,
+    RequestContext,
+    Result,
+    StreamResult,
+    client_request_id,
+)
 
 
 async def forward(ctx: RequestContext) -> Result:
@@ -19,6 +25,7 @@ async def forward(ctx: RequestContext) -> Result:
         model=ctx.model,
         stream=ctx.stream,
         affinity_key=partial(ctx.affinity_key, backend.settings.affinity_prefix_chars),
+        request_id=client_request_id(ctx.headers),
     )
     if not ctx.stream:
         return JsonResult(await response.read())

@@ -22,9 +22,11 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
+from leangate.backend.client import REQUEST_ID_HEADER
 from leangate.backend.errors import BackendError
 from leangate.backend.tokenizer import DEFAULT_CHARS_PER_TOKEN
 from leangate.middleware.body import parse_object, read_body
+from leangate.middleware.context import client_request_id
 from leangate.middleware.errors import InvalidRequest, ProxyError, error_response
 from leangate.middleware.gateway import Gateway
 from leangate.middleware.scope import RequestScope
@@ -49,10 +51,15 @@ async def forward_call(
         if limits is not None:
             cost = math.ceil(len(body) / DEFAULT_CHARS_PER_TOKEN)
             await gateway.limiter.admit_call(tenant, limits, request, cost)
-        upstream = await gateway.backend.send(path, body, model=model, stream=False)
+        request_id = client_request_id(headers)
+        upstream = await gateway.backend.send(
+            path, body, model=model, stream=False, request_id=request_id
+        )
         served = model
         content = await upstream.read()
         response = Response(content, upstream.status, media_type=_content_type(upstream.headers))
+        if request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = request_id
     except Exception as exc:
         if not isinstance(exc, BackendError | ProxyError):
             log.exception("unexpected error on %s", path)

@@ -9,12 +9,12 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from leangate.backend.client import BackendClient
+from leangate.backend.client import REQUEST_ID_HEADER, BackendClient
 from leangate.backend.errors import ModelNotFound
 from leangate.cache.store import StoreError
 from leangate.middleware.body import parse_object
 from leangate.middleware.chains import ChainBook
-from leangate.middleware.context import RequestContext, Result
+from leangate.middleware.context import RequestContext, Result, client_request_id
 from leangate.middleware.endpoint import forward
 from leangate.middleware.errors import InvalidRequest, Unauthorized, describe_validation_error
 from leangate.middleware.keys import KeyStoreUnavailable
@@ -139,6 +139,9 @@ class Gateway:
             raise InvalidRequest(describe_validation_error(exc)) from None
         if self.backend.ready and not self.backend.serves(ctx.model):
             raise ModelNotFound(ctx.model)
+        request_id = client_request_id(headers)
+        if request_id is not None:
+            ctx.response_headers[REQUEST_ID_HEADER] = request_id
         return ctx
 
 

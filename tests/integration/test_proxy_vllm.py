@@ -253,3 +253,15 @@ def test_an_endpoint_the_model_does_not_serve_answers_as_vllm_does(
         client.embeddings.create(model=MODEL, input="a")
     assert refused.value.status_code == direct.status_code >= 400
     assert refused.value.response.content == direct.content
+
+
+def test_the_client_request_id_names_the_request_in_vllm(proxy: ProxyThread) -> None:
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": 4, "temperature": 0}
+    response = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json=body,
+        headers={"x-request-id": "order-42"},
+        timeout=60,
+    )
+    assert response.headers["x-request-id"] == "order-42"
+    assert response.json()["id"].startswith("chatcmpl-order-42-"), "vLLM named it otherwise"

@@ -41,8 +41,15 @@ def _body(question: str = QUESTION, **extra: object) -> dict[str, object]:
 
 
 def test_outline_then_points_with_summed_usage(vllm_url: str, tmp_path: Path) -> None:
+    """With a client's request id, which every backend call carries with a suffix of its
+    own (vLLM refuses two running requests of one id)."""
     with _proxy(vllm_url, tmp_path, "always") as proxy:
-        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=_body(), timeout=300)
+        response = httpx.post(
+            f"{proxy.url}/v1/chat/completions",
+            json=_body(),
+            headers={"x-request-id": "sot-test"},
+            timeout=300,
+        )
     response.raise_for_status()
     plan = response.headers[PLAN_HEADER]
     assert plan.startswith("sot; reason=policy-always; points=")

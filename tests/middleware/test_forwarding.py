@@ -137,3 +137,15 @@ def test_forwarding_can_be_turned_off(tmp_path: Path) -> None:
 def test_an_unknown_model_is_not_a_metrics_label(proxy: ProxyThread) -> None:
     _post(proxy, "/v1/embeddings", b'{"model": "made-up-7f3a", "input": "a"}')
     assert "made-up-7f3a" not in httpx.get(f"{proxy.url}/metrics", timeout=10).text
+
+
+def test_a_forwarded_call_carries_the_request_id(proxy: ProxyThread) -> None:
+    body = b'{"input": "a"}'
+    response = httpx.post(
+        f"{proxy.url}/v1/embeddings",
+        content=body,
+        headers={"authorization": "Bearer sk-alpha", "x-request-id": "emb-1"},
+        timeout=30,
+    )
+    assert response.headers["x-request-id"] == "emb-1"
+    assert received[-1].headers["x-request-id"].startswith("emb-1-")
