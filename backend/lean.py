@@ -144,7 +144,13 @@ class _Connection(asyncio.Protocol):
         self.used += 1
         self.received = False
         self.sent_at = time.monotonic()
-        self.transport.write(head + body if body else head)
+        try:
+            self.transport.write(head + body if body else head)
+        except (RuntimeError, OSError) as exc:  # closed under us since it was checked
+            self._response = None
+            if self.used > 1:
+                raise StaleConnection(f"the connection was closed: {exc}") from exc
+            raise BackendConnectError(f"the connection was closed: {exc}") from exc
 
     def eof_received(self) -> None:
         """The server ended its side: no request goes on this connection again (the

@@ -337,3 +337,29 @@ async def test_a_request_waits_for_a_free_connection_no_longer_than_its_timeout(
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
+
+
+class _Refusing:
+    """A transport that looks open but fails to write, as one closed under the pool does."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner = inner
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("unable to perform operation: the handler is closed")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_a_kept_connection_that_fails_to_write_is_replaced() -> None:
+    async with serving(keep_alive) as (server, url), LeanTransport() as transport:
+        assert await (await transport.send(_post(url))).read() == b"{}"
+        (pool,) = transport._pools.values()
+        kept = pool.idle[-1]
+        kept.transport = _Refusing(kept.transport)  # type: ignore[arg-type, assignment]
+        assert await (await transport.send(_post(url))).read() == b"{}"
+    assert server.connections == 2
