@@ -109,7 +109,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None:
-            self._response.raw_headers.append((name, value))
+            self._response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if self._response is not None:
@@ -266,8 +266,7 @@ class LeanResponse(UpstreamResponse):
         self._timeout_s = timeout_s
         self._deadline = None if stream else time.monotonic() + timeout_s
         self.status = 0
-        self.headers: Mapping[str, str] = {}
-        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers: dict[str, str] = {}
         self.complete = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -281,9 +280,6 @@ class LeanResponse(UpstreamResponse):
 
     def headers_done(self, status: int) -> None:
         self.status = status
-        self.headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.raw_headers
-        }
         if not self._headers_ready.done():
             self._headers_ready.set_result(None)
 
@@ -291,20 +287,24 @@ class LeanResponse(UpstreamResponse):
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused:
-            transport = self._connection.transport
-            if transport is not None:
-                transport.pause_reading()
-                self._paused = True
+            self._reading(False)
         self._wake()
 
     def finish(self) -> None:
         self.complete = True
         if self._paused:  # the connection goes back to the pool: it must read again
-            self._paused = False
-            transport = self._connection.transport
-            if transport is not None:
-                transport.resume_reading()
+            self._reading(True)
         self._wake()
+
+    def _reading(self, on: bool) -> None:
+        """Resume or pause the socket's reading (flow control of an unread body)."""
+        transport = self._connection.transport
+        if transport is not None:
+            if on:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+            self._paused = not on
 
     def fail(self, exc: Exception) -> None:
         self._error = exc
@@ -345,10 +345,7 @@ class LeanResponse(UpstreamResponse):
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._paused and self._buffered <= HIGH_WATER // 4:
-            self._paused = False
-            transport = self._connection.transport
-            if transport is not None:
-                transport.resume_reading()
+            self._reading(True)
         return chunk
 
     async def read(self) -> bytes:
